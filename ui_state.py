@@ -1,0 +1,49 @@
+"""The one place for Streamlit plumbing shared by every page: cached model, sidebar state.
+
+Pages call `current_model()` for the loaded model chosen in the sidebar and
+`current_dataset()` for the dataset role; core never sees streamlit.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from core.models import DEFAULT_MODEL, PRECISIONS, LoadedModel, load_model
+
+DATASETS = {"math": "MATH (arithmetic)", "squad": "QA (SQuAD format)", "c4": "web text (C4 role)"}
+DEFAULTS = {"model_name": DEFAULT_MODEL, "precision": "fp32", "dataset": "math"}
+
+
+def init_state() -> None:
+    """Set each shared key once, so widgets keep their values across reruns."""
+    for key, value in DEFAULTS.items():
+        st.session_state.setdefault(key, value)
+
+
+@st.cache_resource(show_spinner="Loading model ...", max_entries=2)
+def _cached_model(name: str, precision: str) -> LoadedModel:
+    # Every argument is part of the key: name and precision pick the weights, device is auto.
+    return load_model(name, precision=precision)
+
+
+def current_model() -> LoadedModel:
+    init_state()
+    return _cached_model(st.session_state["model_name"], st.session_state["precision"])
+
+
+def current_dataset() -> str:
+    init_state()
+    return st.session_state["dataset"]
+
+
+def sidebar() -> None:
+    """Model, precision and dataset pickers shared by every page."""
+    init_state()
+    with st.sidebar:
+        st.header("Prior Lab")
+        st.text_input(
+            "Model", key="model_name",
+            help=f"'{DEFAULT_MODEL}' is embedded and offline; any Hugging Face id or local folder also works.",
+        )
+        st.selectbox("Precision", PRECISIONS, key="precision", help="int8 uses bitsandbytes (CPU or GPU).")
+        st.selectbox("Dataset", list(DATASETS), key="dataset", format_func=DATASETS.get)
