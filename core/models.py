@@ -214,9 +214,9 @@ def load_model(name: str = DEFAULT_MODEL, precision: str = "fp32", device: str =
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except OSError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub did not provide it (no network, or an unknown id)"
         raise ModelLoadError(
-            f"could not load model {name!r}: it is not a local folder and "
-            f"{'HF_HUB_OFFLINE is set' if offline else 'the Hugging Face hub did not provide it (no network, or an unknown id)'}. "
+            f"could not load model {name!r}: it is not a local folder and {why}. "
             f"Use the embedded model {DEFAULT_MODEL!r}, which needs no network, or a local folder "
             f"with config.json and weights. ({type(exc).__name__}: {str(exc).splitlines()[0]})"
         ) from exc
