@@ -1,0 +1,418 @@
+"""Divergence and collapse measures of prompt vectors against a reference cloud.
+
+A *reference cloud* is what a prompt vector is compared with: the token-embedding
+matrix for soft prompts ([V, d], V = 49,152 on SmolLM2) or one layer's dataset
+activations for deep prompts. Every measure is per prompt vector, then
+aggregated:
+
+- nearest reference point by cosine, its similarity, and the top-k read-out
+  (token texts), as in the cs224u soft-prompt interpretation;
+- distance to the manifold: the mean Euclidean distance to the k nearest
+  reference points, divided by the median of the same quantity for the
+  reference points themselves (1 = as close as a typical token is to its
+  neighbours; 10 = ten times further out);
+- Mahalanobis distance under the fitted Gaussian of the cloud (the fit of
+  `core.priors.fitted_gaussian`, passed in; never refitted here);
+- norm relative to the median norm of the reference points;
+- drift from the initial sample: L2 distance and cosine distance (1 - cos);
+- collapse: a vector counts as collapsed when it is closer to some reference
+  point than that point's own nearest neighbour is; the collapse score is the
+  share of collapsed vectors. In Euclidean terms a short vector near the
+  cloud's centre also passes this test (on SmolLM2 the smallest token norm,
+  1.8, is below the median nearest-neighbour distance, 2.0, so an N(0, 0.02^2)
+  sample "collapses" before training). The angular twin `collapse_score_cos`
+  (cosine to some point above that point's best cosine to another point) is
+  blind to length and separates the two cases; both are reported.
+
+The reference's own k-NN distances cost a V x V pass (about two minutes for
+49k tokens on 2 cores); they are computed once per cloud and kept on disk under
+`cache_subdir("divergence")`.
+
+    >>> ref = token_reference(lm)
+    >>> report = divergence(prompt, ref, init=prompt0, gaussian=fitted_gaussian(lm))
+    >>> report.summary["collapse_score"], report.per_vector[["nearest", "nearest_cos"]]
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from core.paths import cache_subdir
+
+DEFAULT_K = 10
+TOP_K = 5
+# Rows of the reference compared at once: chunk x V float32 distances stay near 100 MB for V = 49k.
+_CHUNK_ELEMENTS = 25_000_000
+
+
+@dataclass
+class ReferenceCloud:
+    """Points a prompt is compared with.
+
+    vectors: [V, d] float32 (token embeddings, or activations at one layer).
+    key: a string that identifies the cloud (model fingerprint + what it is); it keys the disk cache.
+    texts: optional label of each row (token text), used by the read-out.
+    ids: optional token id of each row.
+    label: a short description for the UI.
+    """
+
+    vectors: np.ndarray
+    key: str
+    texts: list[str] | None = None
+    ids: np.ndarray | None = None
+    label: str = ""
+    _stats: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.vectors = np.ascontiguousarray(np.asarray(self.vectors, dtype=np.float32))
+        if self.vectors.ndim != 2 or self.vectors.shape[0] < 2:
+            raise ValueError(
+                f"a reference cloud needs a [V, d] array with at least 2 rows; got shape {self.vectors.shape}"
+            )
+        if not np.isfinite(self.vectors).all():
+            raise ValueError(f"reference cloud {self.label or self.key!r} holds non-finite values")
+        if self.texts is not None and len(self.texts) != len(self.vectors):
+            raise ValueError(f"texts has {len(self.texts)} entries but the cloud has {len(self.vectors)} rows")
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+
+def token_reference(lm) -> ReferenceCloud:  # noqa: ANN001 - core.models.LoadedModel
+    """The token-embedding matrix of `lm` as a reference cloud, [V, d], with each token's text."""
+    vectors = lm.input_embeddings().numpy()
+    ids = np.arange(len(vectors))
+    texts = _token_texts(lm.tokenizer, ids)
+    return ReferenceCloud(vectors, key=f"{lm.fingerprint}:tokens", texts=texts, ids=ids,
+                          label=f"token embeddings of {lm.name} ({len(vectors):,} tokens)")
+
+
+def activation_reference(
+    lm, dataset: str, layer: int, n: int = 64, seed: int = 0, source: str = "auto", max_length: int = 128  # noqa: ANN001
+) -> ReferenceCloud:
+    """One layer's activations on `n` examples of `dataset` as a reference cloud (the deep-prompt comparison).
+
+    Layer 0 is the embedding output and layer L the last block's output, as in
+    `core.activations`; rows are tokens (first token and padding excluded), [rows, d].
+    """
+    from core.activations import dataset_activations
+
+    acts = dataset_activations(lm, dataset, [layer], n=n, seed=seed, source=source, max_length=max_length)
+    vectors = acts.layer(layer)
+    texts = [str(t) for t in acts.token_texts] if getattr(acts, "token_texts", None) is not None else None
+    return ReferenceCloud(
+        vectors,
+        key=f"{lm.fingerprint}:acts:{dataset}:{source}:{n}:{seed}:{max_length}:{layer}",
+        texts=texts,
+        ids=np.asarray(acts.token_ids) if getattr(acts, "token_ids", None) is not None else None,
+        label=f"{dataset} activations at layer {layer} ({len(vectors):,} tokens)",
+    )
+
+
+def _token_texts(tokenizer, ids: np.ndarray) -> list[str]:  # noqa: ANN001
+    # convert_ids_to_tokens keeps byte-level marks (Ġ for a leading space); decode each id for readable text.
+    return [tokenizer.decode([int(i)]) for i in ids]
+
+
+# --------------------------------------------------------------------------- reference statistics
+
+
+def _chunk_rows(n_cols: int) -> int:
+    return max(1, min(4096, _CHUNK_ELEMENTS // max(1, n_cols)))
+
+
+def _sq_dists(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances [m, V] between rows of a [m, d] and b [V, d], clamped at 0."""
+    a_sq = (a * a).sum(1, keepdim=True)
+    return (a_sq + b_sq[None, :] - 2.0 * (a @ b.T)).clamp_min_(0.0)
+
+
+def reference_knn(
+    ref: ReferenceCloud, k: int = DEFAULT_K, progress: Callable[[float], None] | None = None
+) -> dict[str, np.ndarray]:
+    """Each reference point's distances to its own neighbours (self excluded), cached on disk.
+
+    Returns {"nn1": [V] distance to the nearest other point, "knn": [V] mean
+    distance to the k nearest other points, "nn_cos": [V] cosine similarity to
+    the most similar other point, "norms": [V]}. A V x V pass in
+    chunks; the result is stored under `cache_subdir("divergence")`, keyed by
+    the cloud's key, a hash of its values and k.
+    """
+    if k < 1 or k >= len(ref):
+        raise ValueError(f"k must be between 1 and {len(ref) - 1} (the cloud has {len(ref)} points); got {k}")
+    cache_key = f"refknn:v2:{ref.key}:{_array_digest(ref.vectors)}:{k}"
+    if cache_key in ref._stats:
+        return ref._stats[cache_key]
+    import diskcache
+
+    with diskcache.Cache(str(cache_subdir("divergence")), size_limit=2**30) as cache:
+        hit = cache.get(cache_key)
+        if hit is None:
+            hit = _compute_reference_knn(ref.vectors, k, progress)
+            cache.set(cache_key, hit)
+    ref._stats[cache_key] = hit
+    return hit
+
+
+def _array_digest(x: np.ndarray) -> str:
+    # Cheap identity of the values (strided sample + shape), so a changed cloud under the same key is not served stale.
+    flat = x.reshape(-1)
+    sample = flat[:: max(1, flat.size // 65536)]
+    return hashlib.sha256(sample.tobytes() + str(x.shape).encode()).hexdigest()[:16]
+
+
+def _compute_reference_knn(vectors: np.ndarray, k: int, progress: Callable[[float], None] | None) -> dict:
+    ref = torch.from_numpy(vectors)
+    ref_sq = (ref * ref).sum(1)
+    norms = ref_sq.sqrt()
+    n = len(ref)
+    nn1, knn, nn_cos = (np.empty(n, dtype=np.float32) for _ in range(3))
+    step = _chunk_rows(n)
+    with torch.no_grad():
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            rows = torch.arange(stop - start)
+            dot = ref[start:stop] @ ref.T  # [chunk, V]; Euclidean and cosine both come from this one product
+            cos = dot / (norms[start:stop, None] * norms[None, :]).clamp_min(1e-12)
+            cos[rows, rows + start] = -float("inf")
+            nn_cos[start:stop] = cos.max(1).values.numpy()
+            del cos
+            d2 = (ref_sq[start:stop, None] + ref_sq[None, :] - 2.0 * dot).clamp_min_(0.0)
+            # Exclude each row's self by index, not by distance: duplicate tokens have true zero distances.
+            d2[rows, rows + start] = float("inf")
+            near = torch.topk(d2, k, dim=1, largest=False).values.sqrt_()  # [chunk, k], ascending
+            nn1[start:stop] = near[:, 0].numpy()
+            knn[start:stop] = near.mean(1).numpy()
+            if progress is not None:
+                progress(stop / n)
+    return {"nn1": nn1, "knn": knn, "nn_cos": nn_cos, "norms": norms.numpy().astype(np.float32)}
+
+
+# --------------------------------------------------------------------------- per-vector measures
+
+
+@dataclass
+class DivergenceReport:
+    """Per-vector measures ([n] rows of `per_vector`) and their aggregate (`summary`).
+
+    per_vector columns: index, norm, norm_ratio, nearest, nearest_id, nearest_cos,
+    top_tokens (top-k read-out as "tok (cos)" joined by " | "), knn_dist,
+    manifold_ratio, mahalanobis (NaN without a fit), collapsed, collapsed_cos,
+    and drift_l2, drift_cos (NaN without an initial sample).
+    summary: collapse_score, collapse_score_cos, median_nearest_cos, median_manifold_ratio,
+    median_mahalanobis, reference_median_mahalanobis, median_norm_ratio,
+    mean_drift_l2, mean_drift_cos, n, reference.
+    """
+
+    per_vector: pd.DataFrame
+    summary: dict
+    top_ids: np.ndarray  # [n, top_k] reference rows nearest by cosine
+    top_cos: np.ndarray  # [n, top_k]
+
+
+def _as_matrix(x, name: str, dim: int | None = None) -> np.ndarray:  # noqa: ANN001
+    arr = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a [n, d] matrix of prompt vectors; got shape {arr.shape}")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(
+            f"{name} has width {arr.shape[1]} but the reference cloud has width {dim}: "
+            "compare a prompt with the cloud of the same model (and, for deep prompts, the same layer)"
+        )
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} holds non-finite values (NaN or inf); the run that produced it diverged")
+    return arr.astype(np.float32, copy=False)
+
+
+@dataclass
+class _Scan:
+    top_ids: np.ndarray  # [n, top_k] reference rows, most cosine-similar first
+    top_cos: np.ndarray  # [n, top_k]
+    knn_dist: np.ndarray  # [n] mean Euclidean distance to the k nearest reference points
+    margin: np.ndarray  # [n] min over points t of |p - t| - nn1(t); < 0: inside some point's neighbour radius
+    cos_margin: np.ndarray  # [n] max over points t of cos(p, t) - nn_cos(t); > 0: inside some point's neighbour cone
+
+
+def _scan(p: np.ndarray, ref: ReferenceCloud, k: int, top_k: int, stats: dict) -> _Scan:
+    """One chunked pass of the prompt [n, d] over the reference [V, d] for every per-vector measure."""
+    pt = torch.from_numpy(p).double()  # float64: a vector equal to a token must give distance 0, not 1e-3
+    p_norm = pt.norm(dim=1).clamp_min(1e-12)
+    ref_t = torch.from_numpy(ref.vectors)
+    nn1 = torch.from_numpy(stats["nn1"]).double()
+    nn_cos = torch.from_numpy(stats["nn_cos"]).double()
+    n = len(pt)
+    best_d = torch.zeros((n, 0), dtype=torch.float64)
+    best_c = torch.zeros((n, 0), dtype=torch.float64)
+    best_i = torch.zeros((n, 0), dtype=torch.long)
+    margin = torch.full((n,), float("inf"), dtype=torch.float64)
+    cos_margin = torch.full((n,), -float("inf"), dtype=torch.float64)
+    step = _chunk_rows(n)
+    for start in range(0, len(ref), step):
+        block = ref_t[start:start + step].double()
+        b_sq = (block * block).sum(1)
+        dot = pt @ block.T  # [n, chunk]
+        d = (p_norm[:, None] ** 2 + b_sq[None, :] - 2.0 * dot).clamp_min_(0.0).sqrt_()
+        cos = dot / (p_norm[:, None] * b_sq.sqrt().clamp_min(1e-12)[None, :])
+        margin = torch.minimum(margin, (d - nn1[start:start + step][None, :]).min(1).values)
+        cos_margin = torch.maximum(cos_margin, (cos - nn_cos[start:start + step][None, :]).max(1).values)
+        best_d = torch.topk(torch.cat([best_d, d], 1), min(k, best_d.shape[1] + d.shape[1]), dim=1,
+                            largest=False).values
+        all_c, all_i = torch.cat([best_c, cos], 1), torch.cat([best_i, torch.arange(start, start + len(block))
+                                                                .expand(n, -1)], 1)
+        best_c, order = torch.topk(all_c, min(top_k, all_c.shape[1]), dim=1)
+        best_i = torch.gather(all_i, 1, order)
+    return _Scan(best_i.numpy(), best_c.numpy(), best_d.mean(1).numpy(), margin.numpy(), cos_margin.numpy())
+
+
+def nearest_by_cosine(prompt, ref: ReferenceCloud, top_k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    """Top-k reference rows by cosine similarity: (row indices [n, top_k], cosines [n, top_k]), best first."""
+    p = _as_matrix(prompt, "prompt", ref.dim)
+    stats = {"nn1": np.zeros(len(ref), np.float32), "nn_cos": np.zeros(len(ref), np.float32)}  # unused here
+    scan = _scan(p, ref, 1, top_k, stats)
+    return scan.top_ids, scan.top_cos
+
+
+def divergence(
+    prompt,  # noqa: ANN001 - torch.Tensor or numpy [n, d]
+    ref: ReferenceCloud,
+    init=None,  # noqa: ANN001 - [n, d], the prior sample the prompt was trained from
+    gaussian=None,  # noqa: ANN001 - an object with .mahalanobis(x [m, d]) -> [m] (core.priors.FittedGaussian)
+    k: int = DEFAULT_K,
+    top_k: int = TOP_K,
+) -> DivergenceReport:
+    """All divergence and collapse measures of `prompt` [n, d] against `ref` [V, d].
+
+    init: the initial sample [n, d] for drift (omit: drift columns are NaN).
+    gaussian: the fitted Gaussian of the same cloud, for Mahalanobis distances (omit: NaN).
+    """
+    p = _as_matrix(prompt, "prompt", ref.dim)
+    stats = reference_knn(ref, k=k)
+    scan = _scan(p, ref, k, top_k, stats)
+    top_ids, top_cos, knn_dist = scan.top_ids, scan.top_cos, scan.knn_dist
+    ref_knn_median = float(np.median(stats["knn"]))
+    ref_norm_median = float(np.median(stats["norms"]))
+    norms = np.linalg.norm(p.astype(np.float64), axis=1)
+    collapsed = _collapsed(scan.margin, ref_norm_median)
+
+    frame = pd.DataFrame({
+        "index": np.arange(len(p)),
+        "norm": norms,
+        "norm_ratio": norms / max(ref_norm_median, 1e-12),
+        "nearest_id": ref.ids[top_ids[:, 0]] if ref.ids is not None else top_ids[:, 0],
+        "nearest": [ref.texts[i] for i in top_ids[:, 0]] if ref.texts is not None else top_ids[:, 0].astype(str),
+        "nearest_cos": top_cos[:, 0],
+        "top_tokens": [_readout(ref, ids, cos) for ids, cos in zip(top_ids, top_cos, strict=True)],
+        "knn_dist": knn_dist,
+        "manifold_ratio": knn_dist / max(ref_knn_median, 1e-12),
+        "mahalanobis": _mahalanobis(gaussian, p),
+        "collapsed": collapsed,
+        "collapsed_cos": scan.cos_margin > 0,
+    })
+    if init is not None:
+        p0 = _as_matrix(init, "init", ref.dim)
+        if p0.shape != p.shape:
+            raise ValueError(
+                f"init has shape {p0.shape} but the prompt has shape {p.shape}; pass the run's step-0 snapshot"
+            )
+        frame["drift_l2"], frame["drift_cos"] = drift(p, p0)
+    else:
+        frame["drift_l2"] = np.nan
+        frame["drift_cos"] = np.nan
+    summary = {
+        "n": len(p),
+        "reference": ref.label or ref.key,
+        "collapse_score": float(collapsed.mean()),
+        "collapse_score_cos": float((scan.cos_margin > 0).mean()),
+        "median_nearest_cos": float(np.median(top_cos[:, 0])),
+        "median_manifold_ratio": float(np.median(frame["manifold_ratio"])),
+        "median_mahalanobis": float(np.median(frame["mahalanobis"])),
+        "reference_median_mahalanobis": _reference_mahalanobis(gaussian, ref),
+        "median_norm_ratio": float(np.median(frame["norm_ratio"])),
+        "mean_drift_l2": float(frame["drift_l2"].mean()),
+        "mean_drift_cos": float(frame["drift_cos"].mean()),
+    }
+    return DivergenceReport(per_vector=frame, summary=summary, top_ids=top_ids, top_cos=top_cos)
+
+
+def _readout(ref: ReferenceCloud, ids: np.ndarray, cos: np.ndarray) -> str:
+    names = [repr(ref.texts[i]) if ref.texts is not None else f"#{i}" for i in ids]
+    return " | ".join(f"{n} ({c:.2f})" for n, c in zip(names, cos, strict=True))
+
+
+def _mahalanobis(gaussian, x: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    if gaussian is None:
+        return np.full(len(x), np.nan)
+    out = gaussian.mahalanobis(torch.from_numpy(x))
+    return np.asarray(out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else out, dtype=np.float64)
+
+
+def _reference_mahalanobis(gaussian, ref: ReferenceCloud, sample: int = 2048) -> float:  # noqa: ANN001
+    # The cloud's own median distance gives the scale: in d=576 a typical point sits near sqrt(d), not near 0.
+    if gaussian is None:
+        return float("nan")
+    rows = np.random.default_rng(0).choice(len(ref), size=min(sample, len(ref)), replace=False)
+    return float(np.median(_mahalanobis(gaussian, ref.vectors[np.sort(rows)])))
+
+
+def drift(prompt, init) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    """Per-vector drift from the initial sample: (L2 distance [n], cosine distance 1 - cos [n])."""
+    p = _as_matrix(prompt, "prompt").astype(np.float64)
+    p0 = _as_matrix(init, "init").astype(np.float64)
+    if p.shape != p0.shape:
+        raise ValueError(f"prompt {p.shape} and init {p0.shape} must have the same shape")
+    l2 = np.linalg.norm(p - p0, axis=1)
+    cos = (p * p0).sum(1) / np.maximum(np.linalg.norm(p, axis=1) * np.linalg.norm(p0, axis=1), 1e-12)
+    return l2, np.clip(1.0 - cos, 0.0, 2.0)  # clip rounding below 0
+
+
+def collapse_score(prompt, ref: ReferenceCloud, k: int = DEFAULT_K) -> float:  # noqa: ANN001
+    """Share of prompt vectors [n, d] closer to some reference point than that point's nearest neighbour is."""
+    p = _as_matrix(prompt, "prompt", ref.dim)
+    stats = reference_knn(ref, k=k)
+    margin = _scan(p, ref, 1, 1, stats).margin
+    return float(_collapsed(margin, float(np.median(stats["norms"]))).mean())
+
+
+def _collapsed(margin: np.ndarray, scale: float) -> np.ndarray:
+    # margin = min over points t of (|p - t| - nn1(t)). Strictly inside some token's nearest-neighbour radius
+    # is collapsed; so is sitting on a token whose duplicate makes its radius 0 (margin ~ 0 up to rounding).
+    return margin <= 1e-6 * max(scale, 1e-12)
+
+
+def snapshot_divergence(
+    snapshots,  # noqa: ANN001 - [S, n, d]
+    steps: list[int],
+    ref: ReferenceCloud,
+    gaussian=None,  # noqa: ANN001
+    k: int = DEFAULT_K,
+) -> pd.DataFrame:
+    """Aggregate measures at every snapshot: one row per step.
+
+    snapshots: [S, n, d] aligned with `steps`; the first snapshot is the initial sample (drift is measured from it).
+    Columns: step, collapse_score, median_nearest_cos, median_manifold_ratio, median_mahalanobis,
+    median_norm_ratio, mean_drift_l2, mean_drift_cos.
+    """
+    snaps = snapshots.detach().float().cpu().numpy() if isinstance(snapshots, torch.Tensor) else np.asarray(snapshots)
+    if snaps.ndim != 3 or len(snaps) != len(steps):
+        raise ValueError(
+            f"snapshots must be [S, n, d] with S = len(steps) = {len(steps)}; got shape {snaps.shape}"
+        )
+    rows = []
+    for step, snap in zip(steps, snaps, strict=True):
+        s = divergence(snap, ref, init=snaps[0], gaussian=gaussian, k=k, top_k=1).summary
+        rows.append({"step": int(step), **{c: s[c] for c in _TRACK}})
+    return pd.DataFrame(rows)
+
+
+_TRACK = ("collapse_score", "collapse_score_cos", "median_nearest_cos", "median_manifold_ratio", "median_mahalanobis",
+          "median_norm_ratio", "mean_drift_l2", "mean_drift_cos")
