@@ -125,6 +125,15 @@ def test_hub_offline_says_so_and_names_the_stand_in(monkeypatch, dataset, name):
         load_examples(dataset, n=5, source="hub", modules=["add_or_sub"] if dataset == "math" else None)
 
 
+def test_hub_unreachable_fails_fast_with_the_same_advice(monkeypatch):
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens there
+    message = "cannot connect to 127.0.0.1:9 for 'rajpurkar/squad'.*source=\"auto\""
+    with pytest.raises(HubUnavailableError, match=message):
+        load_examples("squad", n=5, source="hub")
+
+
 # --- local SQuAD files in both layouts ----------------------------------------------------------
 
 ARTICLES = [
