@@ -47,6 +47,13 @@ class ArtifactStore:
         except json.JSONDecodeError:
             return {}
 
+    def save_manifest(self, manifest: dict) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.manifest_path.with_name("manifest.json.partial")
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, self.manifest_path)
+        return self.manifest_path
+
     def status(self, fingerprint: str) -> tuple[bool, str]:
         """(usable, message) for a model fingerprint; the message is for the UI."""
         manifest = self.manifest()

@@ -1,0 +1,338 @@
+"""`python -m core precompute`: build the committed artifacts for the embedded model.
+
+Every page opens on a fresh clone from these files without training anything.
+The command is a list of named tasks; each writes its outputs atomically and is
+skipped when they already exist for the same model and budget, so an interrupted
+build resumes where it stopped. `--quick` shrinks every budget (for tests).
+
+Tasks, in order:
+    separation     per-layer separation of C4 / SQuAD / MATH document means (tables/separation.csv)
+    trajectory     sentence step lengths vs random walks, token and last layer (tables/trajectory.json)
+    token_pca      PCA of the token embeddings: axes and 2-D coordinates of every token (arrays/token_pca)
+    fitted         fitted Gaussian of the token embeddings: mean, shrunk covariance (arrays/fitted_tokens)
+    vae            the VAE prior's diagnostics on SQuAD activations (tables/vae.json)
+    gallery        trained runs per prior (runs/<method>-<dataset>-<prior>-s<seed>/)
+    runs_table     the run comparison table over the gallery (tables/runs.csv)
+    transfer       every gallery soft prompt evaluated on MATH and QA (tables/transfer.csv)
+    interpolation  MATH-C4 axis positions of interpolation priors and posteriors (tables/interpolation.csv)
+    findings       the paper's findings against this model's numbers (tables/findings.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from core.artifacts import ArtifactStore
+from core.assets import ASSETS, GENERATOR_PROVENANCE
+from core.models import DEFAULT_MODEL, LoadedModel, load_model
+from core.paths import REPO_ROOT
+
+SOFT_PRIORS = ("gaussian", "xavier", "fitted", "exclusion", "interpolation", "vae")
+DEEP_PRIORS = ("gaussian", "fitted", "interpolation")
+EXTRA_SEEDS = {("soft", "math", "gaussian"): (1,), ("soft", "math", "fitted"): (1,)}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much work each task does; `quick` is for tests, `full` for the committed artifacts."""
+
+    sep_docs: int  # documents per dataset for the separation table
+    sep_layers: tuple[int, ...] | None  # None = every layer
+    traj_texts: int
+    math_steps: int
+    qa_steps: int
+    math_batch: int
+    qa_batch: int
+    eval_n: int
+    n_val: int
+    snapshot_every: int
+    transfer_n: int
+    seeds_extra: bool
+    soft_priors: tuple[str, ...]
+    deep_priors: tuple[str, ...]
+    datasets: tuple[str, ...]
+
+
+FULL = Budget(sep_docs=48, sep_layers=None, traj_texts=200, math_steps=60, qa_steps=40, math_batch=8, qa_batch=4,
+              eval_n=24, n_val=32, snapshot_every=10, transfer_n=24, seeds_extra=True, soft_priors=SOFT_PRIORS,
+              deep_priors=DEEP_PRIORS, datasets=("math", "squad"))
+QUICK = Budget(sep_docs=8, sep_layers=(0, 15, 30), traj_texts=12, math_steps=3, qa_steps=2, math_batch=2, qa_batch=1,
+               eval_n=2, n_val=2, snapshot_every=1, transfer_n=2, seeds_extra=False,
+               soft_priors=("gaussian", "fitted"), deep_priors=("gaussian",), datasets=("math", "squad"))
+
+
+def _git_version() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def gallery_specs(budget: Budget) -> list[dict]:
+    """The runs of the gallery: method, dataset, prior, seed, and the prior's options."""
+    specs = []
+    for dataset in budget.datasets:
+        for prior in budget.soft_priors:
+            specs.append({"method": "soft", "dataset": dataset, "prior": prior, "seed": 0})
+    if "math" in budget.datasets:
+        for prior in budget.deep_priors:
+            specs.append({"method": "deep", "dataset": "math", "prior": prior, "seed": 0})
+    if budget.seeds_extra:
+        for (method, dataset, prior), seeds in EXTRA_SEEDS.items():
+            specs += [{"method": method, "dataset": dataset, "prior": prior, "seed": s} for s in seeds]
+    for spec in specs:
+        spec["name"] = f"{spec['method']}-{spec['dataset']}-{spec['prior']}-s{spec['seed']}"
+    return specs
+
+
+def soft_prior_params(prior: str) -> dict:
+    """Token-level options of each prior: fitted to the vocabulary, or to datasets' layer-0 rows.
+
+    A soft prompt lives among the input embeddings, so data-fitted priors use
+    layer 0 (the embeddings of the tokens the dataset actually uses), as the
+    paper's section 4.4 plots token-level prompts against dataset token clouds.
+    """
+    return {
+        "interpolation": {"source_a": "math", "source_b": "c4", "layer": 0},
+        "vae": {"source": "squad", "layer": 0},
+    }.get(prior, {})
+
+
+def deep_init(lm: LoadedModel, prior: str, layers: list[int], n: int, seed: int, dataset: str) -> dict | None:
+    """Per-layer initial tensors for deep prompts: each layer's vectors from a prior fitted at that layer.
+
+    The deep vectors of decoder block b are prepended to its input, which is
+    activation index b; a data-fitted prior for them is fitted there. Gaussian
+    and xavier do not depend on the layer and are left to the trainer.
+    """
+    if prior not in ("fitted", "interpolation", "exclusion", "vae", "knn_low_density"):
+        return None
+    import torch
+
+    from core.priors import make_prior
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {"soft": make_prior(prior, lm=lm, **soft_prior_params(prior)).sample(n, generator=gen)}
+    for b in layers:
+        params = ({"source_a": "math", "source_b": "c4", "layer": b} if prior == "interpolation"
+                  else {"source": dataset, "layer": b})
+        out[f"deep.{b}"] = make_prior(prior, lm=lm, **params).sample(n, generator=gen)
+    return out
+
+
+class Precompute:
+    """Runs the tasks against one artifacts folder, skipping what is already built."""
+
+    def __init__(self, lm: LoadedModel, store: ArtifactStore, budget: Budget, command: str,
+                 log: Callable[[str], None] = print) -> None:
+        self.lm, self.store, self.budget, self.command, self.log = lm, store, budget, command, log
+        self.timings: dict[str, float] = dict(store.manifest().get("timings", {}))
+
+    # ---- bookkeeping ---------------------------------------------------------------------
+    def _check_manifest(self) -> None:
+        manifest = self.store.manifest()
+        if manifest and (manifest.get("model_fingerprint") != self.lm.fingerprint
+                         or manifest.get("budget") != self.budget.__dict__ | {"sep_layers": self._sep_layers()}):
+            raise SystemExit(
+                f"{self.store.root} holds artifacts built for another model or budget "
+                f"({manifest.get('model_fingerprint')}); remove the folder or pass --out to build elsewhere")
+
+    def _sep_layers(self) -> list[int]:
+        return list(self.budget.sep_layers or range(self.lm.num_layers + 1))
+
+    def write_manifest(self, done: list[str]) -> None:
+        manifest = {
+            "model": self.lm.name,
+            "model_fingerprint": self.lm.fingerprint,
+            "assets": {a.key: f"{a.package}=={a.version}" for a in ASSETS.values()}
+            | {"math-generator": f"{GENERATOR_PROVENANCE['package']}=={GENERATOR_PROVENANCE['version']}"},
+            "budget": self.budget.__dict__ | {"sep_layers": self._sep_layers()},
+            "seeds": sorted({s["seed"] for s in gallery_specs(self.budget)}),
+            "command": self.command,
+            "code_version": _git_version(),
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "tasks_done": done,
+            "timings": self.timings,
+            "total_bytes": self.store.total_bytes(),
+        }
+        self.store.save_manifest(manifest)
+
+    # ---- tasks ---------------------------------------------------------------------------
+    def task_separation(self) -> None:
+        from core.analysis.separation import dataset_separation
+
+        bar = tqdm(total=100, desc="separation", unit="%", leave=False)
+        table = dataset_separation(self.lm, n=self.budget.sep_docs, layers=self._sep_layers(),
+                                   progress=lambda f: bar.update(round(100 * f) - bar.n))
+        bar.close()
+        self.store.save_table("separation", table)
+
+    def task_trajectory(self) -> None:
+        from core.analysis.trajectories import trajectory_test
+        from core.data import example_texts
+
+        texts = [t.split(". ")[0] for t in example_texts("c4", self.budget.traj_texts, seed=0)]
+        out = {}
+        for layer in (0, self.lm.num_layers):
+            test = trajectory_test(self.lm, texts, layer=layer, seed=0)
+            out[f"layer_{layer}"] = {k: (float(v) if isinstance(v, int | float | np.floating) else v)
+                                     for k, v in test.__dict__.items()}
+        self.store.save_json("trajectory", out)
+
+    def task_token_pca(self) -> None:
+        from core.analysis.projections import fit_pca
+
+        emb = self.lm.input_embeddings().numpy()
+        proj = fit_pca(emb, n_components=2, seed=0)
+        coords = proj.transform(emb).astype(np.float16)
+        arrays = {"coords": coords}
+        arrays |= {f"pca.{k}": np.asarray(v, dtype=np.float32) for k, v in proj.to_dict().items()
+                   if isinstance(v, list | np.ndarray)}
+        self.store.save_arrays("token_pca", arrays)
+
+    def task_fitted(self) -> None:
+        from core.priors import fitted_gaussian
+
+        fit = fitted_gaussian(self.lm)
+        self.store.save_arrays("fitted_tokens", {
+            "mean": np.asarray(fit.mean, dtype=np.float32),
+            "cov": np.asarray(fit.cov, dtype=np.float16),
+        }, metadata={"describe": getattr(fit, "describe", lambda: "fitted Gaussian of token embeddings")()})
+
+    def task_vae(self) -> None:
+        from core.priors import make_prior
+
+        prior = make_prior("vae", lm=self.lm, **soft_prior_params("vae"))
+        self.store.save_json("vae", {"describe": prior.describe(), "diagnostics": _jsonable(prior.diagnostics)})
+
+    def task_gallery(self) -> None:
+        from core.runs import read_run_json
+        from core.tuning import TrainConfig, train
+
+        specs = gallery_specs(self.budget)
+        for i, spec in enumerate(specs, 1):
+            out = self.store.runs_root / spec["name"]
+            if (out / "run.json").exists() and read_run_json(out).get("status") == "done":
+                continue
+            is_math = spec["dataset"] == "math"
+            config = TrainConfig(
+                method=spec["method"], dataset=spec["dataset"], prior=spec["prior"],
+                prior_params=soft_prior_params(spec["prior"]), seed=spec["seed"], lr=3e-3,
+                steps=self.budget.math_steps if is_math else self.budget.qa_steps,
+                batch_size=self.budget.math_batch if is_math else self.budget.qa_batch,
+                n_val=self.budget.n_val, val_every=max(1, self.budget.snapshot_every // 2),
+                snapshot_every=self.budget.snapshot_every, eval_n=self.budget.eval_n,
+                max_length=320 if is_math else 256,
+            )
+            init = None
+            if spec["method"] == "deep":
+                layers = list(range(self.lm.num_layers - 3, self.lm.num_layers))
+                init = deep_init(self.lm, spec["prior"], layers, config.n_tokens, spec["seed"], spec["dataset"])
+            resume = (out / "checkpoint.pt").exists()
+            self.log(f"[gallery {i}/{len(specs)}] {spec['name']}{' (resuming)' if resume else ''}")
+            bar = tqdm(total=config.steps, desc=spec["name"], unit="step", leave=False)
+            result = train(self.lm, config, out, init=init, resume=resume,
+                           on_progress=lambda p, bar=bar: bar.update(p.step - bar.n))
+            bar.close()
+            if result.status != "done":
+                raise RuntimeError(f"gallery run {spec['name']} ended {result.status}: {result.message}")
+            (out / "checkpoint.pt").unlink(missing_ok=True)  # resume state is not needed once done
+
+    def _gallery_paths(self) -> list[Path]:
+        return [self.store.runs_root / s["name"] for s in gallery_specs(self.budget)]
+
+    def task_runs_table(self) -> None:
+        from core.analysis.runs_compare import RunEntry, runs_table
+        from core.runs import run_info
+
+        entries = [RunEntry(run_info(p), "precomputed") for p in self._gallery_paths()]
+        self.store.save_table("runs", runs_table(self.lm, entries))
+
+    def task_transfer(self) -> None:
+        from core.analysis.runs_compare import transfer_matrix
+
+        soft = [p for p in self._gallery_paths() if p.name.startswith("soft-")]
+        bar = tqdm(total=100, desc="transfer", unit="%", leave=False)
+        table = transfer_matrix(self.lm, soft, n=self.budget.transfer_n,
+                                progress=lambda f: bar.update(round(100 * f) - bar.n))
+        bar.close()
+        table["path"] = [str(Path(p).relative_to(self.store.root)) for p in table["path"]]
+        self.store.save_table("transfer", table)
+
+    def task_interpolation(self) -> None:
+        from core.analysis.runs_compare import interpolation_positions
+
+        deep = [p for p in self._gallery_paths() if p.name.startswith("deep-")]
+        self.store.save_table("interpolation", interpolation_positions(self.lm, deep))
+
+    def task_findings(self) -> None:
+        from core.findings import compute_findings
+
+        self.store.save_json("findings", compute_findings(self.store, self.lm))
+
+    TASKS = ("separation", "trajectory", "token_pca", "fitted", "vae", "gallery", "runs_table", "transfer",
+             "interpolation", "findings")
+
+    def run(self, only: list[str] | None = None, force: list[str] | None = None) -> None:
+        self._check_manifest()
+        done = list(self.store.manifest().get("tasks_done", []))
+        tasks = [t for t in self.TASKS if not only or t in only]
+        for name in tqdm(tasks, desc="precompute", unit="task"):
+            if name in done and name not in (force or []) and name != "gallery":
+                continue
+            start = time.perf_counter()
+            self.log(f"== {name}")
+            getattr(self, f"task_{name}")()
+            self.timings[name] = round(time.perf_counter() - start, 1) + (
+                self.timings.get(name, 0.0) if name == "gallery" and name in done else 0.0)
+            if name not in done:
+                done.append(name)
+            self.write_manifest(done)  # after every task, so an interrupted build resumes from here
+
+
+def _jsonable(obj):  # noqa: ANN001, ANN202
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return obj
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model id (artifacts are for the embedded model)")
+    parser.add_argument("--out", default=None, help="artifacts folder (default: artifacts/)")
+    parser.add_argument("--quick", action="store_true", help="tiny budget, for tests (never commit its output)")
+    parser.add_argument("--only", nargs="*", choices=Precompute.TASKS, help="run only these tasks")
+    parser.add_argument("--force", nargs="*", default=[], choices=Precompute.TASKS, help="rebuild these tasks")
+
+
+def run(args: argparse.Namespace) -> int:
+    store = ArtifactStore(Path(args.out)) if args.out else ArtifactStore()
+    lm = load_model(args.model, precision="fp32")
+    budget = QUICK if args.quick else FULL
+    command = "python -m core precompute " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["precompute"] else [])
+    start = time.perf_counter()
+    Precompute(lm, store, budget, command.strip()).run(only=args.only, force=args.force)
+    print(f"artifacts in {store.root}: {store.total_bytes() / 1e6:.1f} MB, {time.perf_counter() - start:.0f} s")
+    print(json.dumps(store.manifest().get("timings", {})))
+    return 0
+
+
+__all__ = ["Budget", "FULL", "QUICK", "Precompute", "gallery_specs"]
