@@ -30,7 +30,11 @@ from core.priors.base import REGISTRY, SOURCES, Prior, PriorConfig, SamplingErro
 from core.priors.exclusion import c_dim, expected_acceptance
 from core.priors.fit import FittedGaussian, fit_gaussian, fitted_gaussian, reference_cloud
 
-PRIOR_NAMES: list[str] = list(REGISTRY)
+# The paper's priors in its order, then the ones beyond it; the UI lists them like this.
+PRIOR_NAMES: list[str] = [
+    "gaussian", "xavier", "fitted", "exclusion", "interpolation", "vae", "vocab", "text", "knn_low_density",
+]
+assert set(PRIOR_NAMES) == set(REGISTRY), "every registered prior must be listed in PRIOR_NAMES"
 _OBJECT_PARAMS = ("reference", "reference_a", "reference_b")  # tensors, not config options
 
 

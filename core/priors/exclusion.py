@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -34,6 +35,7 @@ def c_dim(c: float, dim: int) -> float:
     return math.exp((2.0 / dim) * math.log(c))
 
 
+@lru_cache(maxsize=256)
 def expected_acceptance(c: float, dim: int) -> float:
     """Probability that a candidate from N(mu, c_dim Sigma) is accepted (exact; independent of Sigma)."""
     from scipy.stats import chi2
