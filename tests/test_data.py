@@ -368,6 +368,19 @@ def test_fit_to_length_leaves_short_examples_and_drops_history_last(tiny_lm):
         fit_to_length(qa, tok, 0)
 
 
+def test_example_texts_fitted_keep_question_and_answer(tiny_lm):
+    tok = tiny_lm.tokenizer
+    texts = example_texts("squad", n=10, tokenizer=tok, max_tokens=128)
+    examples = load_examples("squad", n=10)
+    for text, ex in zip(texts, examples, strict=True):
+        assert _n_tokens(tok, text) <= 128
+        assert text.endswith(f"Question: {ex.meta['question']}\nAnswer: {ex.answers[0]}")
+    again = fit_to_length(fit_to_length(examples[0], tok, 128), tok, 100)  # re-fitting a cut example works
+    assert _n_tokens(tok, again.text) <= 100
+    with pytest.raises(ValueError, match="pass both tokenizer and max_tokens"):
+        example_texts("squad", n=2, tokenizer=tok)
+
+
 def test_fit_to_length_c4_keeps_the_beginning(tiny_lm):
     tok = tiny_lm.tokenizer
     doc = load_examples("c4", n=1)[0]

@@ -119,10 +119,28 @@ def load_examples(
 
 
 def example_texts(
-    dataset: str, n: int, seed: int = 0, source: str | os.PathLike = "auto", split: str = "validation"
+    dataset: str,
+    n: int,
+    seed: int = 0,
+    source: str | os.PathLike = "auto",
+    split: str = "validation",
+    *,
+    tokenizer=None,  # noqa: ANN001 - any Hugging Face tokenizer
+    max_tokens: int | None = None,
 ) -> list[str]:
-    """What the model reads for activations: prompt followed by target (plain text for c4)."""
-    return [ex.text for ex in load_examples(dataset, split=split, n=n, seed=seed, source=source)]
+    """What the model reads for activations: prompt followed by target (plain text for c4).
+
+    With `tokenizer` and `max_tokens`, each example is first shortened by
+    `fit_to_length` (QA: the passage is cut around the answer, so question and
+    answer stay in the text; c4: the document's beginning), instead of leaving a
+    later right-truncation to drop the question and answer of a long passage.
+    """
+    examples = load_examples(dataset, split=split, n=n, seed=seed, source=source)
+    if (tokenizer is None) != (max_tokens is None):
+        raise ValueError("pass both tokenizer and max_tokens to fit texts to a length, or neither")
+    if tokenizer is not None:
+        examples = [fit_to_length(ex, tokenizer, max_tokens) for ex in examples]
+    return [ex.text for ex in examples]
 
 
 def dataset_label(dataset: str, source: str | os.PathLike = "auto") -> str:

@@ -142,6 +142,9 @@ def fit_to_length(example: Example, tokenizer, max_tokens: int) -> Example:  # n
     return _fit_qa(example, tokenizer, max_tokens)
 
 
+_REBUILT = ("context", "question", "history", "answer_start", "truncated")  # meta keys _fit_qa sets itself
+
+
 def _fit_qa(example: Example, tokenizer, max_tokens: int) -> Example:  # noqa: ANN001
     meta = example.meta
     context, question = meta["context"], meta["question"]
@@ -151,7 +154,7 @@ def _fit_qa(example: Example, tokenizer, max_tokens: int) -> Example:  # noqa: A
     def build(ctx: str, hist: list, start: int) -> Example:
         return qa_example(
             ctx, question, example.answers, history=hist, answer_start=start, source=example.source,
-            **{k: v for k, v in meta.items() if k not in ("context", "question", "history", "answer_start")},
+            **{k: v for k, v in meta.items() if k not in _REBUILT},
             truncated=True,
         )
 
