@@ -67,9 +67,9 @@ except (ValueError, SamplingError) as exc:
     st.stop()
 
 st.markdown(f"**{prior.describe()}**")
-source = options.get("source")
-if source and source != "tokens":
-    st.caption(f"Data: {dataset_label(source)}")
+datasets = [v for k, v in options.items() if k.startswith("source") and v != "tokens"]
+if datasets:
+    st.caption("Data: " + "; ".join(dataset_label(d) for d in dict.fromkeys(datasets)))
 with st.spinner("Nearest tokens and Mahalanobis distances ..."):
     table, summary = sample_report(lm, prior, sample[:TABLE_ROWS])
 metrics = st.columns(4)

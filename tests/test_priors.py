@@ -87,6 +87,15 @@ def test_invalid_parameters_raise(tiny_lm, name, opts, match):
         make_prior(name, lm=tiny_lm, **opts)
 
 
+def test_string_options_from_a_command_line_are_typed():
+    prior = make_prior("interpolation", reference_a=torch.randn(50, 8), reference_b=torch.randn(50, 8) + 1,
+                       alpha="none", seed="3")
+    assert prior.config.alpha is None and prior.config.seed == 3
+    assert make_prior("gaussian", dim=8, sigma="0.05").config.sigma == 0.05
+    with pytest.raises(ValueError, match="option sigma expects float; got 'abc'"):
+        make_prior("gaussian", dim=8, sigma="abc")
+
+
 def test_bad_sample_count_and_missing_model(tiny_lm):
     with pytest.raises(ValueError, match="n must be a positive integer"):
         make_prior("gaussian", dim=8).sample(0)

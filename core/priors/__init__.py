@@ -69,7 +69,8 @@ def make_prior(name: str, lm: LoadedModel | None = None, dim: int | None = None,
             f"prior {name!r} has no option {', '.join(unknown)}; its options are {', '.join(sorted(fields))}"
         )
     params.pop("name", None)
-    config = cls.Config(**params)
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls.Config)}
+    config = cls.Config(**{k: _coerce(k, v, types[k]) for k, v in params.items()})
     objects = {k: v for k, v in objects.items() if v is not None}
     try:
         return cls(config, lm=lm, dim=dim, **objects)
@@ -77,6 +78,27 @@ def make_prior(name: str, lm: LoadedModel | None = None, dim: int | None = None,
         if objects and "unexpected keyword" in str(exc):
             raise ValueError(f"prior {name!r} takes no {', '.join(objects)}: it is not fitted to a cloud") from exc
         raise
+
+
+def _coerce(key: str, value: object, kind: str) -> object:
+    """Options typed on a command line arrive as strings: turn them into the option's type."""
+    if not isinstance(value, str) or kind == "str":
+        return value
+    raw = value.strip()
+    if "None" in kind and raw.lower() in ("", "none", "null"):
+        return None
+    try:
+        if kind.startswith("bool"):
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"option {key} expects {kind}; got {value!r}") from None
+    return value
 
 
 def prior_from_params(params: dict, lm: LoadedModel | None = None) -> Prior:
