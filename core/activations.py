@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from core.models import LoadedModel
@@ -148,6 +149,17 @@ class Activations:
         so every text has a finite mean.
         """
         return _mean_by_doc(self._hidden[i], self._doc_index, self._keep, self.n_docs)
+
+    def rows_frame(self) -> pd.DataFrame:
+        """Metadata of the rows in view (hover data): token, token_id, doc, position, text (first 80 chars)."""
+        snippets = np.array([t[:80] for t in self.texts], dtype=object)
+        return pd.DataFrame({
+            "token": [repr(t) for t in self.token_texts],
+            "token_id": self.token_ids,
+            "doc": self.doc_index,
+            "position": self.positions,
+            "text": snippets[self.doc_index],
+        })
 
     # ---- storage
     def to_bytes(self) -> bytes:
@@ -295,19 +307,32 @@ def run_forward(
         return {i: store[i].float() for i in layers}
 
 
-def tokenize(lm: LoadedModel, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids per text, truncated to `max_length`; no text may be empty."""
+KEEP_SIDES = ("start", "end")
+# QA texts are passage + question + answer, hundreds of tokens: their last tokens hold the question
+# and the answer that make them QA, so dataset-level calls keep the end of them; others keep the start.
+KEEP_END_DATASETS = frozenset({"squad"})
+
+
+def keep_side(dataset: str) -> str:
+    """Which end of a long text of `dataset` survives truncation: 'end' for QA, 'start' otherwise."""
+    return "end" if dataset in KEEP_END_DATASETS else "start"
+
+
+def tokenize(lm: LoadedModel, texts: Sequence[str], max_length: int, keep: str = "start") -> list[list[int]]:
+    """Token ids per text, cut to `max_length` keeping the start (or the `keep="end"`); no text may be empty."""
     if isinstance(texts, str):
         raise ValueError("texts must be a list of strings, not one string: wrap it as [text]")
     if not texts:
         raise ValueError("no texts given: pass at least one non-empty string")
     if max_length < 1:
         raise ValueError(f"max_length must be at least 1; got {max_length}")
-    ids = lm.tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    if keep not in KEEP_SIDES:
+        raise ValueError(f"keep must be 'start' or 'end'; got {keep!r}")
+    ids = lm.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
     empty = [i for i, row in enumerate(ids) if not row]
     if empty:
         raise ValueError(f"texts {empty[:5]} are empty after tokenisation: drop them or give them some text")
-    return [list(row) for row in ids]
+    return [list(row[:max_length] if keep == "start" else row[-max_length:]) for row in ids]
 
 
 def iter_batches(
@@ -352,12 +377,13 @@ def collect_activations(
     max_length: int = 128,
     batch_size: int = 8,
     *,
+    keep: str = "start",
     compute: str = "auto",
     progress: ProgressFn | None = None,
 ) -> Activations:
     """Hidden states of `texts` at `layers` (0 = embeddings, L = last block), one row per real token.
 
-    texts: list of strings, each truncated to `max_length` tokens.
+    texts: list of strings, each cut to `max_length` tokens keeping the start (`keep="end"`: the end).
     layers: an int or ints in 0..L; the forward pass stops after the deepest.
     compute: "auto" (bf16 autocast for an fp32 model), "bf16", or "native" (the model's dtype).
     progress: called with the fraction done after each batch.
@@ -366,7 +392,7 @@ def collect_activations(
     """
     layer_t = check_layers(lm, layers)
     mode = resolve_compute(lm, compute)
-    ids = tokenize(lm, texts, max_length)
+    ids = tokenize(lm, texts, max_length, keep)
     lengths = np.array([len(r) for r in ids])
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     n_all = int(offsets[-1])
@@ -407,6 +433,7 @@ def collect_document_means(
     batch_size: int = 8,
     *,
     include_first: bool = False,
+    keep: str = "start",
     compute: str = "auto",
     progress: ProgressFn | None = None,
 ) -> dict[int, np.ndarray]:
@@ -417,7 +444,7 @@ def collect_document_means(
     """
     layer_t = check_layers(lm, layers)
     mode = resolve_compute(lm, compute)
-    ids = tokenize(lm, texts, max_length)
+    ids = tokenize(lm, texts, max_length, keep)
     means = {i: np.empty((len(ids), lm.hidden_size), dtype=np.float32) for i in layer_t}
     for idx, mask, out in iter_batches(lm, ids, layer_t, batch_size, mode, progress):
         weights = mask.clone().float()  # [B, T]
@@ -434,7 +461,7 @@ def collect_document_means(
 # --------------------------------------------------------------------------- dataset-level, cached
 
 
-def _source_key(source: str) -> str:
+def source_key(source: str) -> str:
     """A source name, or for a local file its path with size and mtime so an edit misses the cache."""
     path = Path(str(source)).expanduser()
     if path.is_file():
@@ -501,21 +528,24 @@ def dataset_activations(
     """`collect_activations` on `n` texts of `dataset` ("c4", "squad", "math"), cached on disk.
 
     The key holds the model fingerprint, dataset, source, n, seed, max_length,
-    layers, compute mode and batch size. Returns `Activations` ([n_rows, d] per layer).
+    layers, compute mode and batch size. Long QA texts keep their last `max_length`
+    tokens (question and answer), others their first (`keep_side`).
+    Returns `Activations` ([n_rows, d] per layer).
     """
     layer_t = check_layers(lm, layers)
     mode = resolve_compute(lm, compute)
     if n < 1:
         raise ValueError(f"n must be at least 1; got {n}")
     key = cache_key(
-        "tokens", lm, dataset=dataset, source=_source_key(source), n=n, seed=seed,
-        max_length=max_length, layers=list(layer_t), compute=mode, batch_size=batch_size,
+        "tokens", lm, dataset=dataset, source=source_key(source), n=n, seed=seed,
+        max_length=max_length, layers=list(layer_t), compute=mode, batch_size=batch_size, keep=keep_side(dataset),
     )
 
     def compute_fn() -> bytes:
         texts = _dataset_texts(dataset, n, seed, source)
         acts = collect_activations(
-            lm, texts, layer_t, max_length=max_length, batch_size=batch_size, compute=mode, progress=progress
+            lm, texts, layer_t, max_length=max_length, batch_size=batch_size, keep=keep_side(dataset),
+            compute=mode, progress=progress,
         )
         return acts.to_bytes()
 
@@ -537,19 +567,21 @@ def dataset_document_means(
 ) -> dict[int, np.ndarray]:
     """Mean activation per text of `dataset`, layer -> float32 [n, d], all layers by default; cached.
 
-    First tokens are left out of the means. One forward pass covers every layer.
+    First tokens are left out of the means; long QA texts keep their end (`keep_side`).
+    One forward pass covers every layer.
     """
     layer_t = check_layers(lm, range(lm.num_layers + 1) if layers is None else layers)
     mode = resolve_compute(lm, compute)
     key = cache_key(
-        "docmeans", lm, dataset=dataset, source=_source_key(source), n=n, seed=seed,
-        max_length=max_length, layers=list(layer_t), compute=mode, batch_size=batch_size,
+        "docmeans", lm, dataset=dataset, source=source_key(source), n=n, seed=seed,
+        max_length=max_length, layers=list(layer_t), compute=mode, batch_size=batch_size, keep=keep_side(dataset),
     )
 
     def compute_fn() -> bytes:
         texts = _dataset_texts(dataset, n, seed, source)
         means = collect_document_means(
-            lm, texts, layer_t, max_length=max_length, batch_size=batch_size, compute=mode, progress=progress
+            lm, texts, layer_t, max_length=max_length, batch_size=batch_size, keep=keep_side(dataset),
+            compute=mode, progress=progress,
         )
         buf = io.BytesIO()
         np.savez(buf, version=np.array(FORMAT_VERSION), **{f"layer_{i}": m for i, m in means.items()})

@@ -181,3 +181,14 @@ def test_cache_is_bounded(tiny_lm, tmp_cache):
     with act._cache() as cache:
         assert cache.size_limit == act.CACHE_SIZE_LIMIT
         assert cache.eviction_policy == "least-recently-used"
+
+
+def test_keep_end_and_rows_frame(tiny_lm):
+    ids = tiny_lm.tokenizer(TEXTS[1])["input_ids"]
+    acts = collect_activations(tiny_lm, [TEXTS[1]], [0], max_length=5, keep="end").with_first_token()
+    np.testing.assert_array_equal(acts.token_ids, ids[-5:])
+    frame = acts.rows_frame()
+    assert list(frame.columns) == ["token", "token_id", "doc", "position", "text"] and len(frame) == 5
+    with pytest.raises(ValueError, match="keep must be 'start' or 'end'"):
+        collect_activations(tiny_lm, TEXTS, [0], keep="middle")
+    assert act.keep_side("squad") == "end" and act.keep_side("c4") == "start"

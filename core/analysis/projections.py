@@ -16,15 +16,20 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from core.activations import array_digest, cached_bytes
 
 # Robust range: median ± ROBUST_K · IQR per axis (Tukey's fences use 1.5; 3 keeps only clear outliers out).
 ROBUST_K = 3.0
 TSNE_MAX_POINTS = 5000  # hard cap: t-SNE is O(n log n) per iteration but slow on 2 CPU cores past this
+# OpenMP/BLAS threads for t-SNE. On a small shared CPU spinning threads made it ~7x slower
+# (1,000 points: 68 s with default threads vs 9 s with one, load ~10 on 2 cores); raise it on a big machine.
+TSNE_THREADS = int(os.environ.get("PRIOR_LAB_TSNE_THREADS", "1"))
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,7 @@ def tsne(
     """
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     data = _check_cloud(x, "points", 5)
     if not 5 <= max_points <= TSNE_MAX_POINTS:
@@ -166,11 +172,12 @@ def tsne(
 
     def compute() -> bytes:
         reduced = sub
-        if sub.shape[1] > pca_dims and len(sub) > pca_dims:
-            reduced = PCA(n_components=pca_dims, random_state=seed).fit_transform(sub)
-        coords = TSNE(
-            n_components=2, perplexity=perp, init="pca", learning_rate="auto", random_state=seed, max_iter=750,
-        ).fit_transform(reduced)
+        with threadpool_limits(TSNE_THREADS):
+            if sub.shape[1] > pca_dims and len(sub) > pca_dims:
+                reduced = PCA(n_components=pca_dims, random_state=seed).fit_transform(sub)
+            coords = TSNE(
+                n_components=2, perplexity=perp, init="pca", learning_rate="auto", random_state=seed, max_iter=750,
+            ).fit_transform(reduced)
         buf = io.BytesIO()
         np.save(buf, coords.astype(np.float32), allow_pickle=False)
         return buf.getvalue()
@@ -211,3 +218,112 @@ def outlier_note(mask: np.ndarray, what: str = "points") -> str:
         f"{n_out} of {len(mask)} {what} ({100 * n_out / len(mask):.1f}%) fall outside the robust range "
         f"(median ± {ROBUST_K:g}·IQR per axis)."
     )
+
+
+# --------------------------------------------------------------------------- views for pages
+
+
+@dataclass(frozen=True)
+class View:
+    """Points of several groups on one 2-D frame, ready to draw.
+
+    frame: one row per shown point with columns group, row (index within its group), x, y,
+    inside (within the robust range) and any metadata columns given; x_label / y_label
+    name the axes; note says how many points fall outside the robust range; n_total counts
+    all input points, len(frame) those shown after subsampling.
+    """
+
+    frame: pd.DataFrame
+    x_label: str
+    y_label: str
+    note: str
+    n_total: int
+    method: str
+
+
+def project_groups(
+    groups: dict[str, np.ndarray],
+    meta: dict[str, pd.DataFrame] | None = None,
+    method: str = "pca",
+    reference: str | Projection | None = None,
+    max_points: int = 3000,
+    keep_groups: tuple[str, ...] = (),
+    seed: int = 0,
+    perplexity: float = 30.0,
+) -> View:
+    """Draw every group on the same axes: PCA fitted on `reference`, or one joint t-SNE.
+
+    groups: name -> [n_g, d] points (same d). meta: name -> DataFrame with n_g rows joined onto
+    the points (token text, document, ...). reference (PCA only): a group name, a fitted
+    `Projection`, or None for all groups together. max_points caps the points shown (and fed to
+    t-SNE); groups in `keep_groups` (a trajectory, found tokens) are never subsampled.
+    """
+    if method not in ("pca", "tsne"):
+        raise ValueError(f"method must be 'pca' or 'tsne'; got {method!r}")
+    if not groups:
+        raise ValueError("no groups to draw: pass name -> [n, d] arrays")
+    names = list(groups)
+    arrays = [_check_cloud(groups[g], f"group {g!r}", 1) for g in names]
+    widths = {a.shape[1] for a in arrays}
+    if len(widths) != 1:
+        raise ValueError(f"all groups need the same width d; got {({g: a.shape[1] for g, a in groups.items()})}")
+    unknown = [g for g in keep_groups if g not in groups]
+    if unknown:
+        raise ValueError(f"keep_groups {unknown} are not among the groups {names}")
+    data = np.concatenate(arrays)
+    group_col = np.concatenate([np.full(len(a), g, dtype=object) for g, a in zip(names, arrays, strict=True)])
+    row_col = np.concatenate([np.arange(len(a)) for a in arrays])
+    keep = np.flatnonzero(np.isin(group_col, list(keep_groups)))
+    if method == "pca":
+        if isinstance(reference, Projection):
+            proj = reference
+        elif reference is None:
+            proj = fit_pca(data, seed=seed)
+        elif reference in groups:
+            proj = fit_pca(groups[reference], seed=seed)
+        else:
+            raise ValueError(f"reference {reference!r} is neither a group ({names}) nor a Projection")
+        index = subsample_indices(len(data), max_points, seed=seed, keep=keep)
+        xy = proj.transform(data[index])
+        x_label, y_label = proj.axis_labels()[:2]
+    else:
+        result = tsne(data, max_points=min(max_points, TSNE_MAX_POINTS), seed=seed, perplexity=perplexity, keep=keep)
+        index, xy = result.index, result.coords
+        x_label, y_label = "t-SNE 1", "t-SNE 2"
+    frame = pd.DataFrame({"group": group_col[index], "row": row_col[index], "x": xy[:, 0], "y": xy[:, 1]})
+    frame["inside"] = robust_mask(xy)
+    if meta:
+        parts = []
+        for g in names:
+            part = frame[frame["group"] == g]
+            if g in meta:
+                extra = meta[g].reset_index(drop=True)
+                if len(extra) != len(groups[g]):
+                    raise ValueError(f"meta for {g!r} has {len(extra)} rows but the group has {len(groups[g])}")
+                part = part.join(extra, on="row")
+            parts.append(part)
+        frame = pd.concat(parts, ignore_index=True)
+    return View(frame, x_label, y_label, outlier_note(frame["inside"].to_numpy()), len(data), method)
+
+
+def token_table(lm, ids: np.ndarray) -> pd.DataFrame:  # noqa: ANN001 - a LoadedModel
+    """token_id and decoded token text for each id (hover data)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return pd.DataFrame({"token_id": ids, "token": [repr(lm.tokenizer.decode([int(i)])) for i in ids]})
+
+
+def find_tokens(lm, query: str, limit: int = 20) -> np.ndarray:  # noqa: ANN001 - a LoadedModel
+    """Ids of tokens whose text matches `query`: the query's own tokens, then vocabulary entries
+    that equal it once stripped of spaces and case (e.g. 'cat' finds 'cat', ' cat', ' Cat'). int64 [<= limit]."""
+    query = query.strip()
+    if not query:
+        raise ValueError("type a word or a token to find")
+    want = query.lower()
+    found = list(dict.fromkeys(lm.tokenizer(query, add_special_tokens=False)["input_ids"]))
+    for token, idx in lm.tokenizer.get_vocab().items():
+        if len(found) >= limit:
+            break
+        text = lm.tokenizer.convert_tokens_to_string([token]).strip().lower()
+        if text == want and idx not in found:
+            found.append(idx)
+    return np.asarray(found[:limit], dtype=np.int64)

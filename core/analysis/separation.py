@@ -23,12 +23,13 @@ show a precomputed one.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from core.activations import check_layers, dataset_document_means
+from core.activations import cache_key, cached_bytes, check_layers, dataset_document_means, resolve_compute, source_key
 from core.models import LoadedModel
 
 DATASETS = ("c4", "squad", "math")
@@ -50,6 +51,7 @@ def separation_scores(groups: dict[str, np.ndarray], seed: int = 0, folds: int =
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     if len(groups) < 2:
         raise ValueError(f"separation needs at least 2 datasets; got {list(groups)}")
@@ -69,9 +71,12 @@ def separation_scores(groups: dict[str, np.ndarray], seed: int = 0, folds: int =
     # Standardise: a few massive dimensions would otherwise dominate the probe's penalty.
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    acc = cross_val_score(probe, x, y, cv=cv, scoring="accuracy")
+    # One BLAS thread: these are small problems, and spinning threads on a shared CPU made them ~10x slower.
+    with threadpool_limits(1):
+        acc = cross_val_score(probe, x, y, cv=cv, scoring="accuracy")
+        silhouette = float(silhouette_score(x, y, metric="euclidean"))
     return {
-        "silhouette": float(silhouette_score(x, y, metric="euclidean")),
+        "silhouette": silhouette,
         "centroid_ratio": float(np.mean(pair_d) / max(np.mean(spreads), 1e-12)),
         "probe_accuracy": float(acc.mean()),
         "probe_std": float(acc.std()),
@@ -118,11 +123,42 @@ def dataset_separation(
     layers: Sequence[int] | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> pd.DataFrame:
-    """`separation_table` for `datasets` on `lm`, all layers by default (one cached forward pass per dataset).
+    """`separation_table` for `datasets` on `lm`, all layers by default; the table is cached on disk.
 
-    n: documents per dataset; each text is truncated to `max_length` tokens.
+    n: documents per dataset; each text is truncated to `max_length` tokens. The document
+    means come from `dataset_document_means` (one cached forward pass per dataset, all layers).
     """
     layer_t = check_layers(lm, range(lm.num_layers + 1) if layers is None else layers)
+    key = cache_key(
+        "separation", lm, datasets=list(datasets), source=source_key(source), n=n, seed=seed,
+        max_length=max_length, layers=list(layer_t), compute=resolve_compute(lm), folds=5,
+    )
+
+    def compute() -> bytes:
+        every = len(layer_t) == lm.num_layers + 1  # then share the all-layer means with other views
+        means = all_layer_means(
+            lm, datasets, n=n, seed=seed, source=source, max_length=max_length,
+            layers=None if every else layer_t, progress=progress,
+        )
+        return separation_table(means, seed=seed).to_csv(index=False).encode()
+
+    return cached_bytes(key, compute, lambda blob: pd.read_csv(io.BytesIO(blob)))
+
+
+def all_layer_means(
+    lm: LoadedModel,
+    datasets: Sequence[str] = DATASETS,
+    n: int = 48,
+    seed: int = 0,
+    source: str = "auto",
+    max_length: int = 64,
+    layers: Sequence[int] | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> dict[str, dict[int, np.ndarray]]:
+    """dataset -> layer -> [n, d] document means, every layer by default (cached per dataset).
+
+    For the separation table and the mean-activation-per-document view (paper Fig. 5).
+    """
     means = {}
     for k, dataset in enumerate(datasets):
         def sub_progress(f: float, k: int = k) -> None:
@@ -130,9 +166,9 @@ def dataset_separation(
                 progress((k + f) / len(datasets))
 
         means[dataset] = dataset_document_means(
-            lm, dataset, layer_t, n=n, seed=seed, source=source, max_length=max_length, progress=sub_progress
+            lm, dataset, layers, n=n, seed=seed, source=source, max_length=max_length, progress=sub_progress
         )
-    return separation_table(means, seed=seed)
+    return means
 
 
 def summary_at(table: pd.DataFrame, layers: Sequence[int], comparisons: Sequence[str]) -> pd.DataFrame:
