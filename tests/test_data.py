@@ -279,6 +279,25 @@ def test_math_splits_do_not_overlap_and_modules_select():
     assert {e.meta["module"] for e in only} == {"arithmetic__div"}
 
 
+def test_hub_math_rows_are_cleaned():
+    from core.data.arith import _clean
+
+    assert _clean("b'What is 2 + 3?\\n'") == "What is 2 + 3?"
+    assert _clean("b'-28/3\\n'") == "-28/3"
+    assert _clean(" 5 ") == "5"
+
+
+def test_math_local_file(tmp_path):
+    path = tmp_path / "arith.jsonl"
+    path.write_text("\n".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) for i in range(30)))
+    exs = load_examples("math", split="train", source=path) + load_examples("math", source=path)
+    assert sorted(e.answers[0] for e in exs) == sorted(str(i + 1) for i in range(30))
+    assert dataset_label("math", path) == "arithmetic file: arith.jsonl"
+    path.write_text(json.dumps({"question": "What is 1 + 1?"}))
+    with pytest.raises(ValueError, match='arith.jsonl: row 1 lacks "question" or "answer"'):
+        load_examples("math", source=path)
+
+
 def test_math_bad_input():
     with pytest.raises(ValueError, match="unknown arithmetic module 'calculus'; choose from arithmetic__add_or_sub"):
         load_examples("math", n=5, modules=["calculus"])

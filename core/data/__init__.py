@@ -61,8 +61,10 @@ def _select(examples: list[Example], n: int | None, seed: int, what: str) -> lis
     return [examples[i] for i in order[: len(examples) if n is None else n]]
 
 
-def _mtime(path: str) -> float:
-    return os.stat(path).st_mtime
+def _stamp(path: str) -> tuple[int, int]:
+    """Modification time and size: a changed file is read again, not served from the in-process cache."""
+    stat = os.stat(path)
+    return stat.st_mtime_ns, stat.st_size
 
 
 def load_examples(
@@ -95,7 +97,7 @@ def load_examples(
     if dataset == "squad":
         if src == "hub":
             return _select(qa.load_squad_hub(split)[0], n, seed, what)
-        load = qa.load_quac(str(ensure_asset("quac"))) if src == "auto" else qa.load_squad_file(src, _mtime(src))
+        load = qa.load_quac(str(ensure_asset("quac"))) if src == "auto" else qa.load_squad_file(src, _stamp(src))
         return _select(load.by_split[split], n, seed, what)
     if dataset == "c4":
         if src == "hub":
@@ -103,7 +105,7 @@ def load_examples(
                 raise ValueError("C4 from the hub is streamed: pass n, the number of documents to take")
             return web.load_c4_hub(split, n, seed)
         by_split = web.load_news(str(ensure_asset("news")))[0] if src == "auto" else web.load_text_file(
-            src, _mtime(src))[0]
+            src, _stamp(src))[0]
         return _select(by_split[split], n, seed, what)
     # math
     if src == "auto":
@@ -114,7 +116,7 @@ def load_examples(
         return arith.generated_examples(n, split, seed, modules, difficulty)
     if src == "hub":
         return _select(arith.hub_examples(split, modules), n, seed, what)
-    by_split = arith.file_examples(src, _mtime(src))
+    by_split = arith.file_examples(src, _stamp(src))
     return _select(by_split[split], n, seed, what)
 
 
@@ -174,11 +176,11 @@ def load_report(dataset: str, source: str | os.PathLike = "auto") -> dict:
         return {"dataset": dataset, "source": "hub", "label": dataset_label(dataset, "hub"),
                 "notes": "counts of hub datasets are not computed here (it would download them)"}
     if dataset == "squad":
-        load = qa.load_quac(str(ensure_asset("quac"))) if src == "auto" else qa.load_squad_file(src, _mtime(src))
+        load = qa.load_quac(str(ensure_asset("quac"))) if src == "auto" else qa.load_squad_file(src, _stamp(src))
         return dict(load.report)
     if dataset == "c4":
         return dict(web.load_news(str(ensure_asset("news")))[1] if src == "auto" else web.load_text_file(
-            src, _mtime(src))[1])
+            src, _stamp(src))[1])
     if src == "auto":
         return arith.generator_report()
-    return arith.file_report(src, arith.file_examples(src, _mtime(src)))
+    return arith.file_report(src, arith.file_examples(src, _stamp(src)))

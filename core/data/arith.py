@@ -53,9 +53,9 @@ def hub_examples(split: str, modules: Sequence[str] | str | None) -> list[Exampl
 
 
 @lru_cache(maxsize=4)
-def file_examples(path: str, mtime: float) -> dict[str, list[Example]]:
+def file_examples(path: str, stamp: tuple[int, int]) -> dict[str, list[Example]]:
     """A local .jsonl/.json of {"question", "answer"} objects, split by question hash."""
-    del mtime
+    del stamp
     doc = read_json_rows(path, 'objects with "question" and "answer"')
     rows = doc.get("data") if isinstance(doc, dict) else doc
     if not isinstance(rows, list):

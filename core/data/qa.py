@@ -284,9 +284,9 @@ def _report(source: str, label: str, by_split: dict[str, list[Example]], counts:
 
 
 @lru_cache(maxsize=4)
-def load_squad_file(path: str, mtime: float) -> QALoad:
-    """A local SQuAD file in either layout; split by context hash. `mtime` keys the cache."""
-    del mtime
+def load_squad_file(path: str, stamp: tuple[int, int]) -> QALoad:
+    """A local SQuAD file in either layout; split by context hash. `stamp` keys the cache."""
+    del stamp
     doc: Any = read_json_rows(path, "SQuAD JSON (data -> paragraphs -> qas) or rows with context/question/answers")
     if isinstance(doc, dict) and isinstance(doc.get("data"), list) and doc["data"] and isinstance(
         doc["data"][0], dict

@@ -72,9 +72,9 @@ def load_news(path: str) -> tuple[dict[str, list[Example]], dict]:
 
 
 @lru_cache(maxsize=4)
-def load_text_file(path: str, mtime: float) -> tuple[dict[str, list[Example]], dict]:
+def load_text_file(path: str, stamp: tuple[int, int]) -> tuple[dict[str, list[Example]], dict]:
     """A local .jsonl/.json file of objects with a "text" field; split by document position."""
-    del mtime
+    del stamp
     doc = read_json_rows(path, 'objects with a "text" field')
     rows = doc.get("data") if isinstance(doc, dict) else doc
     if not isinstance(rows, list):
