@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -64,6 +65,7 @@ def test_runs_table_and_claims(gallery, tiny_lm, monkeypatch):
     # here the table is built from the run folders alone.
     monkeypatch.setattr(rc, "_divergence_columns", lambda lm, run, tensor: {})
     table = rc.runs_table(tiny_lm, entries, target_loss=None)
+    assert table["steps_to_loss"].isna().all()
     assert len(table) == len(GALLERY)
     assert set(table["prior"]) == {"gaussian", "xavier"}
     for _, row in table.iterrows():
@@ -74,6 +76,11 @@ def test_runs_table_and_claims(gallery, tiny_lm, monkeypatch):
     target = rc.common_target(table)
     table = rc.runs_table(tiny_lm, entries, target_loss=target)
     assert table["steps_to_loss"].notna().all()  # every run reaches the largest best loss
+    auto = rc.runs_table(tiny_lm, entries)  # per (method, dataset) group: a loss each of its runs reaches
+    assert auto["steps_to_loss"].notna().all()
+    assert auto.groupby(["method", "dataset"])["target_loss"].nunique().eq(1).all()
+    with pytest.raises(ValueError, match="target_loss must be a number, 'auto' or None"):
+        rc.runs_table(tiny_lm, entries, target_loss="soon")
     spread = rc.prior_spread(table)
     math_soft = spread[(spread["dataset"] == "math") & (spread["method"] == "soft")]
     assert set(math_soft["runs"]) == {2}
@@ -162,3 +169,17 @@ def test_foreign_runs_are_refused(gallery, tiny_lm):
         rc.run_divergence(other, run)
     with pytest.raises(ValueError, match="transfer needs runs of the loaded model"):
         rc.transfer_matrix(other, [run.path])
+
+
+def test_interpolation_positions_on_the_math_c4_axis(gallery, tiny_lm):
+    axis = rc.math_c4_axis(tiny_lm, 3, n_docs=8)
+    ends = rc.axis_position(torch.from_numpy(np.stack(axis)), axis)
+    assert ends == pytest.approx([0.0, 1.0])
+    deep = [e.path for e in rc.all_runs({"yours": gallery}) if e.info.method == "deep"]
+    table = rc.interpolation_positions(tiny_lm, deep)
+    assert set(table["kind"]) == {"prior", "posterior"}
+    assert set(table["tensor"]) == {"soft", "deep.3"}
+    assert set(table[table["tensor"] == "deep.3"]["layer"]) == {3}
+    assert len(table) == 2 * 2 * 20
+    with pytest.raises(ValueError, match="the two cluster means coincide"):
+        rc.axis_position(torch.zeros(2, 4), (np.zeros(4), np.zeros(4)))

@@ -116,16 +116,18 @@ def run_divergence(lm, run: runs_mod.Run, name: str = "soft") -> dv.DivergenceRe
 def runs_table(
     lm,  # noqa: ANN001
     entries: Iterable[RunEntry],
-    target_loss: float | None = None,
+    target_loss: float | str | None = "auto",
     tensor: str = "soft",
     progress: Callable[[float], None] | None = None,
 ) -> pd.DataFrame:
     """One row per run: run, origin, method, dataset, prior, lr, seed, steps, initial and final val loss,
-    best val loss, steps_to_loss (to `target_loss`; NaN when never reached), the task metric and its
-    no-prompt baseline, and divergence of tensor `tensor` ("soft" by default: every run has one):
-    collapse_score, collapse_score_cos, median_nearest_cos, median_manifold_ratio, median_mahalanobis,
-    mean_drift_l2, mean_drift_cos, and the same divergence of the initial sample (init_manifold_ratio,
-    init_mahalanobis). Divergence columns are NaN for runs trained on other weights (column `same_model`)."""
+    best val loss, steps_to_loss (to `target_loss`; NaN when never reached; "auto": per method and dataset,
+    the largest best loss of that group's runs, a loss every one of them reaches; None: not computed),
+    target_loss, the task metric and its no-prompt baseline, and divergence of tensor `tensor` ("soft" by
+    default: every run has one): collapse_score, collapse_score_cos, median_nearest_cos, median_manifold_ratio,
+    median_mahalanobis, mean_drift_l2, mean_drift_cos, and the same divergence of the initial sample
+    (init_manifold_ratio, init_mahalanobis). Divergence columns are NaN for runs trained on other weights
+    (column `same_model`)."""
     entries = list(entries)
     rows = []
     for i, entry in enumerate(entries):
@@ -142,14 +144,25 @@ def runs_table(
             "steps_to_loss": math.nan, "metric": metric, "metric_value": tuned, "metric_no_prompt": base,
             "same_model": same_model(run, lm), "path": str(entry.path),
         }
-        if target_loss is not None:
-            reached = steps_to_loss(run.history, target_loss)
-            row["steps_to_loss"] = math.nan if reached is None else reached
+        row["target_loss"] = target_loss if isinstance(target_loss, int | float) else math.nan
+        row["_history"] = run.history
         row.update(_divergence_columns(lm, run, tensor))
         rows.append(row)
         if progress is not None:
             progress((i + 1) / len(entries))
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    if target_loss == "auto":
+        groups = table.groupby(["method", "dataset"])["best_val_loss"].transform("max")
+        table["target_loss"] = groups
+    elif target_loss is not None and not isinstance(target_loss, int | float):
+        raise ValueError(f"target_loss must be a number, 'auto' or None; got {target_loss!r}")
+    if target_loss is not None:
+        reached = [steps_to_loss(h, t) if not math.isnan(t) else None
+                   for h, t in zip(table["_history"], table["target_loss"], strict=True)]
+        table["steps_to_loss"] = [math.nan if r is None else r for r in reached]
+    return table.drop(columns="_history")
 
 
 _DIV_COLUMNS = ("collapse_score", "collapse_score_cos", "median_nearest_cos", "median_manifold_ratio",
@@ -353,12 +366,14 @@ def transfer_matrix(
     return pd.DataFrame(rows)
 
 
-def distance_vs_transfer(transfer: pd.DataFrame, tensor: str = "soft") -> tuple[pd.DataFrame, dict]:
+def distance_vs_transfer(transfer: pd.DataFrame, tensor: str = "soft",
+                         base: Path = ARTIFACTS_DIR) -> tuple[pd.DataFrame, dict]:
     """Prompt distance against transfer, over ordered pairs (A, B) of runs trained on different tasks.
 
     For each pair: distance = Frobenius norm of P_A - P_B (tensor `tensor`, [n, d]), and
     transfer = share of B's own gain on B's task that A's prompt recovers:
     (no_prompt - loss of A on task B) / (no_prompt - loss of B on task B); 1 = as good as B's own prompt.
+    Relative run paths (as stored in the committed artifacts) are read under `base`.
     Returns (pairs table, {"n", "pearson", "spearman", "p_value", "statement"}).
     """
     from scipy.stats import pearsonr, spearmanr
@@ -367,7 +382,8 @@ def distance_vs_transfer(transfer: pd.DataFrame, tensor: str = "soft") -> tuple[
     if not needed <= set(transfer.columns):
         raise ValueError(f"transfer table lacks columns {sorted(needed - set(transfer.columns))}; "
                          "build it with transfer_matrix()")
-    runs_by_path = {p: runs_mod.load_run(p) for p in transfer["path"].unique()}
+    runs_by_path = {p: runs_mod.load_run(Path(p) if Path(p).is_absolute() else Path(base) / p)
+                    for p in transfer["path"].unique()}
     lookup = transfer.set_index(["path", "evaluated_on"])
     rows = []
     for a, run_a in runs_by_path.items():
@@ -403,3 +419,56 @@ def distance_vs_transfer(transfer: pd.DataFrame, tensor: str = "soft") -> tuple[
                           f"p={p:.3f}; Pearson r={stats['pearson']:.2f}). The cs224u write-up found closer "
                           "prompts transfer better, i.e. a negative correlation here.")
     return pairs, stats
+
+
+# --------------------------------------------------------------------------- the MATH-C4 axis
+
+
+def math_c4_axis(lm, layer: int, n_docs: int = 64, data_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    """(C4 mean [d], MATH mean [d]) of the activations at `layer`: the same Gaussian fits the interpolation
+    prior samples between (core.priors.fitted_gaussian, cached)."""
+    from core.priors import fitted_gaussian
+
+    c4 = fitted_gaussian(lm, source="c4", layer=layer, n_docs=n_docs, data_seed=data_seed).mean
+    maths = fitted_gaussian(lm, source="math", layer=layer, n_docs=n_docs, data_seed=data_seed).mean
+    return c4.numpy().astype(np.float64), maths.numpy().astype(np.float64)
+
+
+def axis_position(x, axis: tuple[np.ndarray, np.ndarray]) -> np.ndarray:  # noqa: ANN001
+    """Where each row of x [m, d] projects on the segment from axis[0] (0) to axis[1] (1): [m]."""
+    start, end = axis
+    x = x.detach().double().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+    direction = end - start
+    length2 = float(direction @ direction)
+    if length2 == 0:
+        raise ValueError("the two cluster means coincide: there is no axis to project on")
+    return (x - start) @ direction / length2
+
+
+def interpolation_positions(lm, run_paths: Iterable[str | Path]) -> pd.DataFrame:  # noqa: ANN001
+    """Prior (step 0) and posterior (final) position of every prompt vector on the MATH-C4 axis of its layer.
+
+    Each tensor "deep.{l}" is projected on the axis of activation layer l and "soft" on layer 0
+    (0 = the C4 mean, 1 = the MATH mean). Long table: run, prior, seed, tensor, layer, vector,
+    kind ("prior" or "posterior"), position.
+    """
+    rows = []
+    axes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for path in run_paths:
+        run = runs_mod.load_run(path)
+        if not same_model(run, lm):
+            raise ValueError(f"run {run.path.name} was trained on other weights ({run.config.get('model_fingerprint')})"
+                             f"; its vectors cannot be placed among the loaded model's activations")
+        for name, final in run.prompt.items():
+            layer = 0 if name == "soft" else int(name.split(".", 1)[1])
+            if layer not in axes:
+                axes[layer] = math_c4_axis(lm, layer)
+            kinds = [("posterior", final)]
+            if name in run.snapshots:
+                kinds.insert(0, ("prior", run.snapshots[name][0]))
+            for kind, tensor in kinds:
+                for i, pos in enumerate(axis_position(tensor, axes[layer])):
+                    rows.append({"run": run.path.name, "prior": run.config.get("prior"),
+                                 "seed": run.config.get("seed"), "tensor": name, "layer": layer, "vector": i,
+                                 "kind": kind, "position": float(pos)})
+    return pd.DataFrame(rows, columns=["run", "prior", "seed", "tensor", "layer", "vector", "kind", "position"])
