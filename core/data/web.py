@@ -15,8 +15,6 @@ from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
-import pandas as pd
-
 from core.data.example import Example, in_validation
 from core.data.sources import hub_load, read_json_rows
 
@@ -52,6 +50,8 @@ def _report(source: str, label: str, total: int, dropped: int, by_split: dict[st
 @lru_cache(maxsize=1)
 def load_news(path: str) -> tuple[dict[str, list[Example]], dict]:
     """The embedded news articles by split, and the report."""
+    import pandas as pd  # only when the news are first read
+
     with zipfile.ZipFile(path) as zf:
         names = [n for n in zf.namelist() if n.endswith(".csv")]
         if not names:
