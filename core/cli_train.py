@@ -1,0 +1,107 @@
+"""`python -m core train`: train a soft or deep prompt and write DIR/run.json (the engine the Train page uses)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from core.tuning.trainer import TrainConfig
+
+
+def _kv(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--prior-param takes key=value (e.g. sigma=0.02); got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a plain string such as source=tokens
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    parser.add_argument("--model", default="smollm2-135m", help="embedded 'smollm2-135m', a hub id or a local folder")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"], help="base model weights")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    parser.add_argument("--dataset", default=d.dataset, choices=["math", "squad"])
+    parser.add_argument("--source", default=d.source, help="data source: auto (embedded), hub, or a local file")
+    parser.add_argument("--method", default=d.method, choices=["soft", "deep"])
+    parser.add_argument("--prior", default=d.prior, help="a core.priors name: gaussian, xavier, fitted, ...")
+    parser.add_argument("--prior-param", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+                        help="prior parameter, repeatable (values parsed as JSON when they can be)")
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="-1: 10%% of steps")
+    parser.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    parser.add_argument("--layers", type=int, nargs="*", default=[], help="deep: decoder layers (default last 3)")
+    parser.add_argument("--n-tokens", type=int, default=d.n_tokens)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--compute", default=d.compute, choices=["bf16", "fp32"], help="compute dtype")
+    parser.add_argument("--n-train", type=int, default=d.n_train)
+    parser.add_argument("--n-val", type=int, default=d.n_val)
+    parser.add_argument("--val-every", type=int, default=d.val_every)
+    parser.add_argument("--snapshot-every", type=int, default=d.snapshot_every)
+    parser.add_argument("--eval-n", type=int, default=d.eval_n, help="held-out examples for task metrics; 0 skips")
+    parser.add_argument("--max-new-tokens", type=int, default=0, help="0: 12 for math, 40 for squad")
+    parser.add_argument("--max-length", type=int, default=d.max_length)
+    parser.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from core.models import load_model
+    from core.runs import new_run_dir
+    from core.tuning import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = TrainConfig(
+        method=args.method, dataset=args.dataset, source=args.source, prior=args.prior,
+        prior_params=dict(args.prior_param), n_tokens=args.n_tokens, layers=list(args.layers), lr=args.lr,
+        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm, seed=args.seed, compute=args.compute, n_train=args.n_train,
+        n_val=args.n_val, val_every=args.val_every, snapshot_every=args.snapshot_every, eval_n=args.eval_n,
+        max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+    )
+    if args.resume and not args.out:
+        raise SystemExit("--resume needs --out DIR, the run folder to continue")
+    out = args.out or new_run_dir(f"{args.method}-{args.dataset}-{args.prior}-s{args.seed}")
+    wall = time.perf_counter()
+    lm = load_model(args.model, precision=args.precision, device=args.device)
+    bar = tqdm(total=config.steps, desc=f"{config.method} {config.dataset}", unit="step")
+    last_val: list[float] = []
+
+    def on_progress(p) -> None:  # noqa: ANN001 - core.tuning.Progress
+        if p.phase == "eval":
+            bar.set_description("evaluating (greedy generation)")
+            return
+        bar.n = p.step
+        if p.val_loss is not None:
+            last_val.append(p.val_loss)
+        bar.set_postfix(loss=f"{p.train_loss:.3f}" if p.train_loss is not None else "-",
+                        val=f"{last_val[-1]:.3f}" if last_val else "-", tok_s=f"{p.tokens_per_s:.0f}")
+        bar.refresh()
+
+    result = train(lm, config, out, resume=args.resume, on_progress=on_progress)
+    bar.close()
+    m = result.metrics
+    print(f"\nrun: {result.path}  status: {result.status}  wall: {time.perf_counter() - wall:.1f} s "
+          f"(training {m.get('train_seconds')} s, {m.get('train_tokens_per_s')} tokens/s)")
+    if result.message:
+        print(result.message)
+    if m.get("initial_val_loss") is not None:
+        print(f"val loss: {m['initial_val_loss']:.4f} -> {m['final_val_loss']:.4f} "
+              f"({100 * m.get('val_loss_reduction', 0):.1f}% lower)")
+    for kind in ("prompt", "no_prompt", "text_prompt"):
+        scores = m.get("eval", {}).get(kind)
+        if scores:
+            shown = ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if k in ("accuracy", "exact_match", "f1"))
+            print(f"  {kind:12s} n={scores['n']}: {shown}")
+    return 0 if result.status in ("done", "cancelled") else 1

@@ -1,0 +1,102 @@
+"""Background training jobs: a thread per run, a cancel event, progress readable from any thread.
+
+The Train page starts a job and keeps only its id in `st.session_state`; each
+rerun finds the job again here, so a rerun or another page never blocks or
+loses it. No streamlit here.
+
+    >>> job_id = start_job(lm, TrainConfig(steps=40), out_dir)
+    >>> get_job(job_id).snapshot()["step"]
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from core.tuning import Progress, TrainConfig, train
+
+_JOBS: dict[str, Job] = {}
+_LOCK = threading.Lock()
+_IDS = itertools.count(1)
+
+
+@dataclass
+class Job:
+    """One training run in a background thread; read it with `snapshot()`."""
+
+    id: str
+    config: TrainConfig
+    out_dir: Path
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    state: str = "starting"  # starting, running, evaluating, done, cancelled, nonfinite, failed
+    progress: Progress | None = None
+    message: str = ""
+    error: str = ""
+    result_metrics: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    thread: threading.Thread | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def cancel(self) -> None:
+        """Ask the run to stop after its current step; it saves a usable partial run."""
+        self.cancel_event.set()
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "cancelled", "nonfinite", "failed")
+
+    def snapshot(self) -> dict:
+        """A consistent copy of the job's state for display (safe from another thread)."""
+        with self.lock:
+            p = self.progress
+            return {"id": self.id, "state": self.state, "message": self.message, "error": self.error,
+                    "step": p.step if p else 0, "total": self.config.steps,
+                    "history": list(p.history) if p else [], "tokens_per_s": p.tokens_per_s if p else 0.0,
+                    "elapsed": p.elapsed if p else 0.0, "out_dir": str(self.out_dir),
+                    "metrics": dict(self.result_metrics), "wall": time.time() - self.started}
+
+
+def _run(job: Job, lm, init: torch.Tensor | dict | None, examples: tuple | None) -> None:
+    def on_progress(progress: Progress) -> None:
+        with job.lock:
+            job.progress = progress
+            job.state = {"train": "running", "eval": "evaluating", "done": job.state}[progress.phase]
+
+    try:
+        result = train(lm, job.config, job.out_dir, init=init, examples=examples, on_progress=on_progress,
+                       cancel=job.cancel_event)
+        with job.lock:
+            job.state, job.message, job.result_metrics = result.status, result.message, result.metrics
+    except Exception as exc:  # noqa: BLE001 - the page shows any failure instead of losing it in a thread
+        with job.lock:
+            job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
+            job.message = traceback.format_exc(limit=6)
+
+
+def start_job(lm, config: TrainConfig, out_dir: str | Path, init: torch.Tensor | dict | None = None,
+              examples: tuple | None = None) -> str:
+    """Start training in a daemon thread and return the job id."""
+    job = Job(id=f"job-{next(_IDS)}", config=config, out_dir=Path(out_dir))
+    job.thread = threading.Thread(target=_run, args=(job, lm, init, examples), name=job.id, daemon=True)
+    with _LOCK:
+        _JOBS[job.id] = job
+    job.thread.start()
+    return job.id
+
+
+def get_job(job_id: str) -> Job:
+    with _LOCK:
+        if job_id not in _JOBS:
+            raise KeyError(f"no training job {job_id!r} in this process (the server may have restarted)")
+        return _JOBS[job_id]
+
+
+def list_jobs() -> list[Job]:
+    with _LOCK:
+        return list(_JOBS.values())

@@ -1,0 +1,38 @@
+"""The forward pass that scores answer tokens only, with logits only where the loss needs them."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.tuning.base import PromptModule
+from core.tuning.batches import Batch
+
+
+def answer_loss(model: nn.Module, prompt: PromptModule | None, batch: Batch,
+                autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Summed cross-entropy over the batch's answer tokens (a scalar; divide by `batch.n_answer` for the mean).
+
+    model: a LLaMA-style causal LM (`model.model` the decoder, `model.lm_head` the head).
+    The hidden states come from the decoder, [B, n+T, d]; only the N rows that
+    predict an answer token go through the head, [N, V]: never [B, T, V].
+    """
+    decoder = model.model
+    device = batch.input_ids.device
+    embeds = decoder.embed_tokens(batch.input_ids)  # [B, T, d]
+    n = 0
+    if prompt is not None:
+        n = prompt.n_prefix
+        embeds = torch.cat([prompt.prefix(embeds.shape[0], embeds.dtype), embeds], dim=1)  # [B, n+T, d]
+    hooks = prompt.hooks(model) if prompt is not None else contextlib.nullcontext()
+    amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with hooks, amp:
+        hidden = decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state  # [B, n+T, d], final norm applied
+        # position p predicts token p+1: the answer token at column c is read from column n+c-1
+        rows = hidden[batch.rows, batch.cols + n - 1]  # [N, d]
+        logits = model.lm_head(rows)  # [N, V]
+    return F.cross_entropy(logits.float(), batch.labels, reduction="sum")

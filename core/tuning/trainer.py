@@ -1,0 +1,390 @@
+"""Training a prompt on a frozen model: the one engine behind the CLI, the page and the gallery.
+
+    >>> result = train(lm, TrainConfig(method="soft", dataset="math", prior="fitted", steps=40), "runs/demo")
+    >>> result.status, result.history[-1]["val_loss"]
+
+AdamW on the prompt parameters only, linear schedule with warm-up, gradient
+accumulation and clipping, loss on answer tokens only, validation loss every
+`val_every` steps, snapshots every `snapshot_every` steps, a checkpoint with the
+optimizer/scheduler/RNG state so `resume=True` continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from core import runs
+from core.tuning.base import METHODS, PromptModule, build_prompt
+from core.tuning.batches import Batch, Encoded, collate, encode_examples, epoch_batches, fixed_batches
+from core.tuning.compute import COMPUTE_DTYPES, compute_model
+from core.tuning.loss import answer_loss
+
+TRAINABLE_DATASETS = ("math", "squad")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a run's result (saved as run.json["config"], with the model's identity)."""
+
+    method: str = "soft"  # a key of core.tuning.METHODS: "soft" or "deep"
+    dataset: str = "math"  # "math" or "squad" (c4 has no answers to score)
+    source: str = "auto"  # data source passed to core.data.load_examples
+    prior: str = "gaussian"  # a core.priors name (for a given initial tensor: the prior it was drawn from)
+    prior_params: dict = field(default_factory=dict)
+    n_tokens: int = 20  # the paper's 20 vectors (per layer for deep prompts)
+    layers: list[int] = field(default_factory=list)  # deep only; empty = the last 3 layers
+    lr: float = 3e-3
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup_steps: int = -1  # -1: 10% of steps
+    weight_decay: float = 0.0  # decay would pull the prompt toward 0 and confound where it drifts
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    compute: str = "bf16"  # "bf16" (shadow bf16 weights / autocast) or "fp32"
+    n_train: int = 2000
+    n_val: int = 48
+    val_every: int = 10
+    snapshot_every: int = 5
+    eval_n: int = 32  # held-out examples for greedy-generation metrics at the end; 0 skips
+    max_new_tokens: int = 0  # 0: 12 for math, 40 for squad
+    max_length: int = 320  # tokens of prompt+answer; longer prompts are cut from the start
+    bucket: int = 8  # batches per length-sorting chunk (less padding)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if self.dataset not in TRAINABLE_DATASETS:
+            raise ValueError(f"dataset must be one of {', '.join(TRAINABLE_DATASETS)} for training; got "
+                             f"{self.dataset!r} (c4 is plain text with no answer to score)")
+        if self.compute not in COMPUTE_DTYPES:
+            raise ValueError(f"compute must be one of {', '.join(COMPUTE_DTYPES)}; got {self.compute!r}")
+        for name in ("steps", "batch_size", "grad_accum", "n_tokens", "val_every", "snapshot_every", "n_train",
+                     "n_val"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number; got {self.lr!r}")
+        if self.layers and self.method != "deep":
+            raise ValueError("layers only apply to --method deep; drop --layers or use the deep method")
+        if self.warmup_steps < 0:
+            self.warmup_steps = max(1, self.steps // 10)
+        if self.max_new_tokens <= 0:
+            self.max_new_tokens = 12 if self.dataset == "math" else 40
+
+    def prompt_params(self) -> dict:
+        params = {"n_tokens": self.n_tokens}
+        if self.method == "deep":
+            params["layers"] = list(self.layers)
+        return params
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Progress:
+    """What a progress callback receives after each step (and at step 0)."""
+
+    step: int
+    total: int
+    train_loss: float | None
+    val_loss: float | None
+    elapsed: float
+    tokens_per_s: float
+    history: list[dict]
+    phase: str = "train"  # "train", "eval", "done"
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    status: str  # "done", "cancelled", "nonfinite"
+    message: str
+    history: list[dict]
+    metrics: dict
+    prompt: dict[str, torch.Tensor]
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _load_data(config: TrainConfig, lm, examples: tuple | None) -> tuple[list, list, list]:
+    if examples is not None:
+        train_ex, val_ex, eval_ex = examples
+    else:
+        from core.data import load_examples
+
+        train_ex = load_examples(config.dataset, split="train", n=config.n_train, seed=config.seed,
+                                 source=config.source)
+        held = load_examples(config.dataset, split="validation", n=config.n_val + config.eval_n, seed=config.seed,
+                             source=config.source)
+        val_ex, eval_ex = held[: config.n_val], held[config.n_val:]
+        if config.dataset == "squad":  # cut passages (never question or answer) to fit, leaving room for "\n"
+            from core.data import fit_to_length
+
+            fit = [[fit_to_length(ex, lm.tokenizer, config.max_length - 2) for ex in part]
+                   for part in (train_ex, val_ex)]
+            train_ex, val_ex = fit
+    if len(train_ex) < config.batch_size:
+        raise ValueError(f"only {len(train_ex)} training examples for batch size {config.batch_size}")
+    if not val_ex:
+        raise ValueError("no validation examples: raise n_val")
+    return list(train_ex), list(val_ex), list(eval_ex)
+
+
+def initial_tensors(
+    lm, config: TrainConfig, prompt: PromptModule, init: torch.Tensor | dict | None
+) -> tuple[dict, dict]:
+    """Prior samples for every prompt tensor: {"soft": [n, d], "deep.{l}": [n, d]}, and the prior's description.
+
+    One generator seeded with `config.seed` draws the soft prompt first, then each
+    deep layer in order. `init` ([n, d], e.g. the Prior-lab sample) replaces the soft
+    draw; a dict {name: [n, d]} replaces the named tensors.
+    """
+    names = list(prompt.named_tensors())
+    n, d = config.n_tokens, lm.hidden_size
+    gen = torch.Generator().manual_seed(config.seed)
+    out: dict[str, torch.Tensor] = {}
+    info: dict = {"prior": config.prior, "prior_params": dict(config.prior_params)}
+    given = init if isinstance(init, dict) else ({"soft": init} if init is not None else {})
+    for name, value in given.items():
+        if name not in names:
+            raise ValueError(f"initial tensor {name!r} is not part of this prompt ({', '.join(names)})")
+        value = torch.as_tensor(value, dtype=torch.float32).cpu()
+        if tuple(value.shape) != (n, d):
+            raise ValueError(f"initial sample {name!r} has shape {tuple(value.shape)}; this prompt needs ({n}, {d}): "
+                             f"sample {n} vectors from a prior for this model")
+        out[name] = value
+    if given:
+        info["init_given"] = sorted(given)  # these tensors came from the caller (e.g. a Prior-lab sample)
+    need = [x for x in names if x not in out]
+    if need:
+        from core.priors import make_prior
+
+        prior = make_prior(config.prior, lm=lm, **config.prior_params)
+        info["prior_params"] = getattr(prior, "params", config.prior_params)
+        info["prior_describe"] = prior.describe() if hasattr(prior, "describe") else config.prior
+        for name in need:
+            sample = prior.sample(n, generator=gen).detach().float().cpu()
+            if tuple(sample.shape) != (n, d):
+                raise ValueError(f"prior {config.prior!r} gave shape {tuple(sample.shape)}, expected ({n}, {d})")
+            out[name] = sample
+    return {k: out[k] for k in names}, info
+
+
+class _Trainer:
+    """The state of one run between steps; `train()` drives it."""
+
+    def __init__(self, lm, config: TrainConfig, out_dir: Path, examples: tuple | None, init: torch.Tensor | None,
+                 resume: bool) -> None:
+        self.lm, self.config, self.out_dir = lm, config, Path(out_dir)
+        self.model, self.autocast = compute_model(lm, config.compute)
+        self.device = lm.device
+        train_ex, val_ex, self.eval_examples = _load_data(config, lm, examples)
+        tok = lm.tokenizer
+        self.train_items = encode_examples(tok, train_ex, config.max_length)
+        self.val_items = encode_examples(tok, val_ex, config.max_length)
+        self.pad_id = tok.pad_token_id
+        self.prompt = build_prompt(config.method, lm.hidden_size, lm.num_layers, **config.prompt_params())
+        if config.method == "deep":
+            config.layers = list(self.prompt.config.layers)  # record the resolved default
+        self.prompt.to(self.device)
+        self.optimizer = torch.optim.AdamW(self.prompt.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        from transformers import get_linear_schedule_with_warmup
+
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, config.warmup_steps, config.steps)
+        self.history: list[dict] = []
+        self.snapshot_steps: list[int] = []
+        self.snapshots: dict[str, list[torch.Tensor]] = {}
+        self.step = 0
+        self.elapsed = 0.0
+        self.tokens = 0
+        self.prior_info: dict = {}
+        if resume and (self.out_dir / runs.CHECKPOINT_FILE).exists():
+            self._restore()
+        else:
+            tensors, self.prior_info = initial_tensors(lm, config, self.prompt, init)
+            self.prompt.load_tensors(tensors)
+            self._snapshot()
+            self.history.append({"step": 0, "train_loss": None, "val_loss": self.validate()})
+            self.save(status="running")
+
+    # -- pieces -------------------------------------------------------------------------------------------
+    def batches_for_step(self, step: int) -> list[Batch]:
+        """The micro-batches of optimizer step `step` (1-based): a pure function of seed and step."""
+        cfg = self.config
+        per_epoch = len(epoch_batches(self.train_items, cfg.batch_size, cfg.seed, 0, cfg.bucket))
+        out = []
+        for k in range(cfg.grad_accum):
+            m = (step - 1) * cfg.grad_accum + k
+            epoch, pos = divmod(m, per_epoch)
+            idx = epoch_batches(self.train_items, cfg.batch_size, cfg.seed, epoch, cfg.bucket)[pos]
+            out.append(collate([self.train_items[i] for i in idx], self.pad_id).to(self.device))
+        return out
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        total, count = 0.0, 0
+        for idx in fixed_batches(self.val_items, self.config.batch_size):
+            batch = collate([self.val_items[i] for i in idx], self.pad_id).to(self.device)
+            total += float(answer_loss(self.model, self.prompt, batch, self.autocast))
+            count += batch.n_answer
+        return total / max(count, 1)
+
+    def train_step(self) -> float:
+        batches = self.batches_for_step(self.step + 1)
+        n_answer = sum(b.n_answer for b in batches)
+        total = 0.0
+        for batch in batches:
+            loss = answer_loss(self.model, self.prompt, batch, self.autocast) / n_answer
+            if not torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLoss(f"non-finite training loss ({float(loss.detach())}) at step {self.step + 1}")
+            loss.backward()
+            total += float(loss.detach())
+            self.tokens += batch.n_tokens
+        torch.nn.utils.clip_grad_norm_(self.prompt.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total
+
+    def _snapshot(self) -> None:
+        self.snapshot_steps.append(self.step)
+        for name, tensor in self.prompt.tensors().items():
+            self.snapshots.setdefault(name, []).append(tensor)
+
+    # -- persistence --------------------------------------------------------------------------------------
+    def run_config(self) -> dict:
+        lm = self.lm
+        return {**self.config.to_dict(), **self.prior_info, "prompt": self.prompt.config.to_dict(),
+                "model": lm.name, "model_fingerprint": lm.fingerprint, "precision": lm.precision,
+                "device": str(lm.device), "hidden_size": lm.hidden_size, "num_layers": lm.num_layers,
+                "n_train_examples": len(self.train_items), "n_val_examples": len(self.val_items)}
+
+    def save(self, status: str, message: str = "", metrics: dict | None = None) -> None:
+        out = self.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        runs.write_tensors(out / runs.PROMPT_FILE, self.prompt.tensors())
+        runs.write_tensors(out / runs.SNAPSHOT_FILE, {k: torch.stack(v) for k, v in self.snapshots.items()})
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng": torch.get_rng_state(), "prompt": self.prompt.tensors(), "history": self.history,
+                 "snapshot_steps": self.snapshot_steps, "snapshots": self.snapshots, "elapsed": self.elapsed,
+                 "tokens": self.tokens, "prior_info": self.prior_info}
+        runs._atomic_write(out / runs.CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
+        previous = runs.read_run_json(out) if runs.is_run(out) else {}
+        runs.write_json(out / runs.RUN_JSON, {
+            "config": self.run_config(), "history": self.history,
+            "metrics": metrics if metrics is not None else previous.get("metrics", {}),
+            "snapshot_steps": self.snapshot_steps, "status": status, "message": message, "steps_done": self.step,
+            "created": previous.get("created", time.strftime("%Y-%m-%dT%H:%M:%S")),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_seconds": round(self.elapsed, 2),
+            "train_tokens": self.tokens,
+        })
+
+    def _restore(self) -> None:
+        state = torch.load(self.out_dir / runs.CHECKPOINT_FILE, weights_only=False)
+        saved = runs.read_run_json(self.out_dir)["config"]
+        mine = self.run_config()
+        keys = [k for k in TrainConfig.__dataclass_fields__ if k != "eval_n"] + ["model_fingerprint"]
+        diff = {k: (saved.get(k), mine.get(k)) for k in keys if saved.get(k) != mine.get(k)}
+        if diff:
+            raise ValueError(f"cannot resume {self.out_dir}: its config differs in {diff} (saved, asked); "
+                             "resume with the same settings or start a new run")
+        self.prompt.load_tensors(state["prompt"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.step, self.history = state["step"], state["history"]
+        self.snapshot_steps, self.snapshots = state["snapshot_steps"], state["snapshots"]
+        self.elapsed, self.tokens, self.prior_info = state["elapsed"], state["tokens"], state["prior_info"]
+
+
+def train(lm, config: TrainConfig, out_dir: str | Path, *, init: torch.Tensor | None = None,
+          examples: tuple[list, list, list] | None = None, resume: bool = False,
+          on_progress: Callable[[Progress], None] | None = None, cancel: threading.Event | None = None,
+          evaluate: bool = True) -> TrainResult:
+    """Train a prompt on `lm` (frozen) and write the run folder `out_dir`.
+
+    init: optional [n_tokens, d] initial soft prompt (e.g. a Prior-lab sample), or {name: [n, d]} for any of the
+        prompt's tensors; the rest are drawn from `config.prior` (recorded in the config).
+    examples: optional (train, validation, eval) example lists; by default read with core.data.load_examples.
+    resume: continue from `out_dir/checkpoint.pt` (same config). The result equals an uninterrupted run.
+    cancel: when set, the run stops after the current step and saves a usable partial run (status "cancelled").
+    Returns a TrainResult; a non-finite loss stops the run (status "nonfinite") keeping the last good state.
+    """
+    trainer = _Trainer(lm, config, Path(out_dir), examples, init, resume)
+    message = ""
+    cfg = config
+
+    def report(train_loss: float | None, val_loss: float | None, phase: str = "train") -> None:
+        if on_progress is not None:
+            rate = trainer.tokens / trainer.elapsed if trainer.elapsed > 0 else 0.0
+            on_progress(Progress(trainer.step, cfg.steps, train_loss, val_loss, trainer.elapsed, rate,
+                                 list(trainer.history), phase))
+
+    report(None, trainer.history[0]["val_loss"] if trainer.history else None)
+    status = "running"
+    while trainer.step < cfg.steps:
+        if cancel is not None and cancel.is_set():
+            status, message = "cancelled", f"cancelled at step {trainer.step} of {cfg.steps}; resume to continue"
+            break
+        start = time.perf_counter()
+        try:
+            train_loss = trainer.train_step()
+        except NonFiniteLoss as exc:
+            status = "nonfinite"
+            message = (f"{exc}: stopped, keeping the prompt of step {trainer.step}. Lower the learning rate "
+                       f"(now {cfg.lr}) or use compute fp32.")
+            break
+        trainer.elapsed += time.perf_counter() - start
+        val = None
+        if trainer.step % cfg.val_every == 0 or trainer.step == cfg.steps:
+            val = trainer.validate()
+        trainer.history.append({"step": trainer.step, "train_loss": train_loss, "val_loss": val})
+        if trainer.step % cfg.snapshot_every == 0 or trainer.step == cfg.steps:
+            trainer._snapshot()
+        if val is not None:
+            trainer.save(status="running")
+        report(train_loss, val)
+    if status == "running":
+        status = "done"
+    if trainer.snapshot_steps[-1] != trainer.step:
+        trainer._snapshot()
+    metrics = _loss_metrics(trainer)
+    trainer.save(status=status if status != "done" else "evaluating", message=message, metrics=metrics)
+    if status == "done" and evaluate and cfg.eval_n > 0 and trainer.eval_examples:
+        report(None, None, phase="eval")
+        from core.evaluation import evaluate_with_baselines
+
+        metrics["eval"] = evaluate_with_baselines(
+            lm, cfg.dataset, trainer.eval_examples[: cfg.eval_n], trainer.prompt, compute=cfg.compute,
+            max_new_tokens=cfg.max_new_tokens, source=cfg.source, max_length=cfg.max_length)
+    trainer.save(status=status, message=message, metrics=metrics)
+    report(None, None, phase="done")
+    return TrainResult(trainer.out_dir, status, message, trainer.history, metrics, trainer.prompt.tensors())
+
+
+def _loss_metrics(trainer: _Trainer) -> dict:
+    vals = [h["val_loss"] for h in trainer.history if h["val_loss"] is not None]
+    out = {"initial_val_loss": vals[0] if vals else None, "final_val_loss": vals[-1] if vals else None,
+           "train_seconds": round(trainer.elapsed, 2),
+           "train_tokens_per_s": round(trainer.tokens / trainer.elapsed, 1) if trainer.elapsed else None}
+    if vals and vals[0]:
+        out["val_loss_reduction"] = 1 - vals[-1] / vals[0]
+    return out
+
+
+def encode_for(lm, examples: list, max_length: int = 320) -> list[Encoded]:
+    """Public helper for benchmarks and tests: encode examples with the model's tokenizer."""
+    return encode_examples(lm.tokenizer, examples, max_length)

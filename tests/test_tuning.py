@@ -1,0 +1,244 @@
+"""Prompt-tuning engine on the tiny random LLaMA (and one short real run, marked integration)."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from core.evaluation import generate
+from core.tuning import (
+    METHODS,
+    DeepPrompt,
+    DeepPromptConfig,
+    TrainConfig,
+    answer_loss,
+    build_prompt,
+    collate,
+    encode_examples,
+    train,
+)
+
+
+def _examples(n: int, offset: int = 0) -> list:
+    out = []
+    for k in range(offset, offset + n):
+        a, b = k % 13, (k * 7) % 11
+        out.append(SimpleNamespace(prompt=f"Question: What is {a} plus {b}?\nAnswer:", target=f" {a + b}",
+                                   answers=[str(a + b)], meta={}))
+    return out
+
+
+DATA = (_examples(24), _examples(8, offset=100), _examples(4, offset=200))
+
+
+def _init(method: str, lm, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    prompt = build_prompt(method, lm.hidden_size, lm.num_layers)
+    return {k: torch.randn(v.shape, generator=gen) * 0.5 for k, v in prompt.named_tensors().items()}
+
+
+def _config(**kw) -> TrainConfig:
+    base = dict(dataset="math", steps=4, batch_size=4, val_every=2, snapshot_every=2, eval_n=0, n_val=8,
+                compute="fp32", n_tokens=4)
+    return TrainConfig(**{**base, **kw})
+
+
+def _batch(lm, examples, n=4):
+    return collate(encode_examples(lm.tokenizer, examples[:n]), lm.tokenizer.pad_token_id)
+
+
+def test_methods_registered():
+    assert set(METHODS) >= {"soft", "deep"}
+
+
+@pytest.mark.parametrize("method", ["soft", "deep"])
+def test_only_prompts_train_and_base_is_bit_identical(tiny_lm, tmp_path, method):
+    before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+    init = {k: v[:4] for k, v in _init(method, tiny_lm).items()}
+    result = train(tiny_lm, _config(method=method), tmp_path / "run", init=init, examples=DATA)
+    assert result.status == "done"
+    after = tiny_lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a base weight changed during training"
+    assert all(p.grad is None and not p.requires_grad for p in tiny_lm.model.parameters())
+    moved = [k for k in result.prompt if not torch.equal(result.prompt[k], init[k])]
+    assert sorted(moved) == sorted(init), "every prompt tensor should have been updated"
+
+
+def test_deep_keeps_length_and_grads_reach_every_layer(tiny_lm):
+    prompt = build_prompt("deep", tiny_lm.hidden_size, tiny_lm.num_layers, n_tokens=3, layers=[0, 2, 3])
+    prompt.load_tensors({k: v[:3] for k, v in _init("deep", tiny_lm).items() if k in prompt.named_tensors()}
+                        | {k: torch.randn(3, tiny_lm.hidden_size) for k in ("deep.0", "deep.2")})
+    batch = _batch(tiny_lm, DATA[0])
+    decoder = tiny_lm.model.model
+    embeds = torch.cat([prompt.prefix(4, torch.float32), decoder.embed_tokens(batch.input_ids)], dim=1)
+    plain = decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    with prompt.hooks(tiny_lm.model):
+        deep = decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    assert deep.shape == plain.shape  # [B, n+T, d]: the cut restores the length
+    assert not torch.allclose(deep, plain)
+    loss = answer_loss(tiny_lm.model, prompt, batch)
+    loss.backward()
+    for name, param in prompt.named_tensors().items():
+        assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient reached {name}"
+    assert not tiny_lm.model.model.layers[1]._forward_pre_hooks, "hooks must be removed after the pass"
+
+
+def test_deep_default_layers_and_bad_layer(tiny_lm):
+    prompt = build_prompt("deep", tiny_lm.hidden_size, tiny_lm.num_layers)
+    assert prompt.config.layers == [1, 2, 3]
+    with pytest.raises(ValueError, match="out of range: this model has 4 decoder layers"):
+        DeepPrompt(DeepPromptConfig(layers=[7]), tiny_lm.hidden_size, tiny_lm.num_layers)
+
+
+def test_loss_counts_answer_tokens_only(tiny_lm):
+    prompt = build_prompt("soft", tiny_lm.hidden_size, tiny_lm.num_layers, n_tokens=4)
+    prompt.load_tensors({"soft": _init("soft", tiny_lm)["soft"][:4]})
+    batch = _batch(tiny_lm, DATA[0])
+    ours = answer_loss(tiny_lm.model, prompt, batch) / batch.n_answer
+    # reference: full logits [B, n+T, V] and labels -100 everywhere except answer tokens
+    n = 4
+    embeds = torch.cat([prompt.prefix(4, torch.float32), tiny_lm.model.model.embed_tokens(batch.input_ids)], 1)
+    logits = tiny_lm.model(inputs_embeds=embeds).logits
+    labels = torch.full(batch.input_ids.shape, -100)
+    labels[batch.rows, batch.cols] = batch.labels
+    labels = torch.cat([torch.full((4, n), -100), labels], 1)
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    # the prompt text is not scored: changing a prompt token leaves the count of scored tokens alone
+    encoded = encode_examples(tiny_lm.tokenizer, DATA[0][:1])[0]
+    assert encoded.n_answer == len(tiny_lm.tokenizer(DATA[0][0].target + "\n", add_special_tokens=False).input_ids)
+    # padding is never read: the same example alone or padded in a batch gives the same loss
+    alone = collate(encode_examples(tiny_lm.tokenizer, [DATA[0][0]]), tiny_lm.tokenizer.pad_token_id)
+    long = SimpleNamespace(prompt="Question: " + "very " * 30 + "long?\nAnswer:", target=" 1", answers=["1"])
+    padded = collate(encode_examples(tiny_lm.tokenizer, [DATA[0][0], long]), tiny_lm.tokenizer.pad_token_id)
+    with torch.no_grad():
+        single = answer_loss(tiny_lm.model, prompt, alone)
+        first_only = padded
+        keep = first_only.rows == 0
+        first_only.rows, first_only.cols, first_only.labels = (first_only.rows[keep], first_only.cols[keep],
+                                                               first_only.labels[keep])
+        torch.testing.assert_close(answer_loss(tiny_lm.model, prompt, first_only), single, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["soft", "deep"])
+def test_resume_equals_uninterrupted(tiny_lm, tmp_path, method):
+    init = {k: v[:4] for k, v in _init(method, tiny_lm).items()}
+    straight = train(tiny_lm, _config(method=method, steps=6), tmp_path / "a", init=init, examples=DATA)
+    cancel = threading.Event()
+
+    def stop_at_3(progress) -> None:
+        if progress.step == 3:
+            cancel.set()
+
+    part = train(tiny_lm, _config(method=method, steps=6), tmp_path / "b", init=init, examples=DATA,
+                 on_progress=stop_at_3, cancel=cancel)
+    assert part.status == "cancelled" and part.history[-1]["step"] == 3
+    resumed = train(tiny_lm, _config(method=method, steps=6), tmp_path / "b", examples=DATA, resume=True)
+    assert resumed.status == "done"
+    for name in straight.prompt:
+        assert torch.equal(straight.prompt[name], resumed.prompt[name]), name
+    assert straight.history == resumed.history
+
+
+def test_resume_with_other_config_is_refused(tiny_lm, tmp_path):
+    init = {"soft": _init("soft", tiny_lm)["soft"][:4]}
+    train(tiny_lm, _config(steps=2), tmp_path / "r", init=init, examples=DATA)
+    with pytest.raises(ValueError, match="cannot resume .* its config differs in .*lr"):
+        train(tiny_lm, _config(steps=2, lr=0.5), tmp_path / "r", examples=DATA, resume=True)
+
+
+def test_nonfinite_loss_stops_and_keeps_run(tiny_lm, tmp_path):
+    bad = torch.full((4, tiny_lm.hidden_size), float("inf"))
+    result = train(tiny_lm, _config(steps=3), tmp_path / "nan", init={"soft": bad}, examples=DATA)
+    assert result.status == "nonfinite"
+    assert "non-finite training loss" in result.message and "Lower the learning rate" in result.message
+    assert (tmp_path / "nan" / "prompt.safetensors").exists()
+
+
+def test_bf16_compute_trains(tiny_lm, tmp_path):
+    init = {"soft": _init("soft", tiny_lm)["soft"][:4]}
+    result = train(tiny_lm, _config(steps=2, compute="bf16"), tmp_path / "bf", init=init, examples=DATA)
+    assert result.status == "done" and all(torch.isfinite(v).all() for v in result.prompt.values())
+    shadow = tiny_lm.extra["bf16_shadow"]
+    assert next(shadow.parameters()).dtype == torch.bfloat16
+    assert shadow.lm_head.weight is shadow.model.embed_tokens.weight  # ties survive the copy
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="method must be one of"):
+        TrainConfig(method="lora")
+    with pytest.raises(ValueError, match=r"dataset must be one of .* \(c4 is plain text"):
+        TrainConfig(dataset="c4")
+    with pytest.raises(ValueError, match="layers only apply to --method deep"):
+        TrainConfig(method="soft", layers=[1])
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        TrainConfig(lr=0)
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="compute must be one of"):
+        TrainConfig(compute="fp16")
+
+
+def test_bad_init_shape_and_mismatched_tensors(tiny_lm, tmp_path):
+    with pytest.raises(ValueError, match=r"initial sample 'soft' has shape \(3, 64\); this prompt needs \(4, 64\)"):
+        train(tiny_lm, _config(), tmp_path / "x", init=torch.zeros(3, 64), examples=DATA)
+    prompt = build_prompt("soft", 64, 4, n_tokens=4)
+    with pytest.raises(ValueError, match="do not match this soft prompt"):
+        prompt.load_tensors({"soft": torch.zeros(4, 64), "deep.3": torch.zeros(4, 64)})
+    with pytest.raises(ValueError, match="unknown method"):
+        build_prompt("prefix", 64, 4)
+
+
+def _manual_greedy(lm, prompt, text: str, n_new: int) -> list[int]:
+    """Greedy decoding by full recomputation (no cache, no padding): the reference for `generate`."""
+    ids = lm.tokenizer(text, add_special_tokens=False).input_ids
+    out = []
+    with torch.no_grad(), (prompt.hooks(lm.model) if prompt else torch.no_grad()):
+        for _ in range(n_new):
+            embeds = lm.model.model.embed_tokens(torch.tensor([ids + out]))
+            if prompt is not None:
+                embeds = torch.cat([prompt.prefix(1, embeds.dtype), embeds], 1)
+            hidden = lm.model.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+            out.append(int(lm.model.lm_head(hidden[:, -1]).argmax(-1)))
+    return out
+
+
+@pytest.mark.parametrize("method", [None, "soft", "deep"])
+def test_generate_matches_uncached_unpadded_decoding(tiny_lm, method):
+    prompt = None
+    if method:
+        prompt = build_prompt(method, tiny_lm.hidden_size, tiny_lm.num_layers, n_tokens=4)
+        prompt.load_tensors({k: v[:4] for k, v in _init(method, tiny_lm, seed=3).items()})
+    texts = ["Question: What is 2 plus 2?\nAnswer:", "Q: " + "a long one " * 6 + "?\nAnswer:"]
+    got = generate(tiny_lm, texts, prompt, max_new_tokens=5, compute="fp32", stop="\x00")
+    for text, pred in zip(texts, got, strict=True):
+        want = tiny_lm.tokenizer.decode(_manual_greedy(tiny_lm, prompt, text, 5), skip_special_tokens=True)
+        assert pred == want.split("\x00")[0].strip()
+
+
+def test_generate_rejects_zero_tokens(tiny_lm):
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        generate(tiny_lm, ["x"], max_new_tokens=0)
+
+
+def test_evaluation_metrics_keys(tiny_lm):
+    from core.evaluation import evaluate
+
+    exact = evaluate(tiny_lm, "math", DATA[2], max_new_tokens=3, compute="fp32")
+    assert exact["n"] == 4 and 0.0 <= exact["accuracy"] <= 1.0 and len(exact["shown"]) == 4
+    qa = [SimpleNamespace(prompt="Paris is in France.\nQuestion: Where is Paris?\nAnswer:", target=" France",
+                          answers=["France", "in France"], meta={})]
+    scores = evaluate(tiny_lm, "squad", qa, max_new_tokens=3, compute="fp32")
+    assert set(scores) >= {"n", "exact_match", "f1"}
+
+
+@pytest.mark.integration
+def test_short_real_run_lowers_validation_loss(real_lm, tmp_path):
+    config = TrainConfig(method="soft", dataset="math", prior="gaussian", lr=3e-2, steps=8, batch_size=8,
+                         n_train=64, n_val=16, val_every=8, eval_n=0, compute="bf16")
+    result = train(real_lm, config, tmp_path / "real")
+    first, last = result.history[0]["val_loss"], result.history[-1]["val_loss"]
+    assert result.status == "done" and last < first, (first, last)
