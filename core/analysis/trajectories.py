@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from core.activations import check_layers, iter_batches, resolve_compute, tokenize
@@ -47,6 +48,15 @@ class Trajectory:
     def steps(self) -> np.ndarray:
         """Euclidean length of each step, [T-1]."""
         return step_lengths(self.points)
+
+    def frame(self) -> pd.DataFrame:
+        """One row per point (hover data): order, token, token_id, step_in (length of the step arriving here)."""
+        return pd.DataFrame({
+            "order": np.arange(len(self.token_ids)),
+            "token": [repr(t) for t in self.token_texts],
+            "token_id": self.token_ids,
+            "step_in": np.concatenate([[np.nan], self.steps]),
+        })
 
 
 def step_lengths(points: np.ndarray) -> np.ndarray:
@@ -227,6 +237,21 @@ def trajectory_test(
     real = [step_lengths(p) for p in _layer_points(lm, ids, layer)]
     rand = [step_lengths(p) for p in _layer_points(lm, walks, layer)]
     return compare_steps(layer, real, rand, unit="sequence", baseline=baseline)
+
+
+def step_histogram(test_steps: np.ndarray, walk_steps: np.ndarray, bins: int = 30) -> pd.DataFrame:
+    """Share of steps per length bin for a sentence [T-1] and its walks [n, T-1] (for one chart).
+
+    Columns: group ('sentence' | 'random walks'), left, right (bin edges), share.
+    """
+    both = np.concatenate([np.ravel(test_steps), np.ravel(walk_steps)])
+    edges = np.histogram_bin_edges(both, bins=bins)
+    rows = []
+    for group, values in (("sentence", np.ravel(test_steps)), ("random walks", np.ravel(walk_steps))):
+        counts, _ = np.histogram(values, bins=edges)
+        share = counts / max(counts.sum(), 1)
+        rows.append(pd.DataFrame({"group": group, "left": edges[:-1], "right": edges[1:], "share": share}))
+    return pd.concat(rows, ignore_index=True)
 
 
 def sentence_vs_random(
