@@ -1,16 +1,47 @@
-"""Home: the loaded model, the datasets and where they come from."""
+"""Home: a teaching tour of the paper's findings on this model, then the model and the datasets."""
 
 import pandas as pd
 import streamlit as st
 
 import ui_state
+from core.artifacts import ArtifactStore
 from core.assets import provenance
-from core.data import dataset_label, load_examples
+from core.data import dataset_label, load_examples, load_report
+
+VERDICT_ICON = {"agrees": "✅", "partly": "🟡", "does not agree": "❌", "not measured": "⚪"}
 
 st.title("Prior Lab")
 st.caption("Embedding priors in prompt-tuning: where soft prompts start, where they end up, and whether they collapse.")
-
 lm = ui_state.current_model()
+
+st.markdown(
+    """
+**Prompt-tuning** keeps a language model frozen and trains only a few vectors (here 20) that are
+prepended to the input, as if they were the embeddings of extra tokens. *Deep* prompt-tuning also
+prepends trained vectors to the inputs of some later layers. Where those vectors start is the
+**prior**; where training leaves them is the **posterior**.
+
+**Embedding collapse** is the observation that trained prompt vectors often end up right next to
+the model's own token embeddings, so a prompt reads almost like words. The paper behind this
+dashboard asks whether that always happens, whether the prior decides it, and whether it matters
+for quality. Below, each of its findings is checked on the loaded model.
+"""
+)
+
+store = ArtifactStore()
+usable, note = store.status(lm.fingerprint)
+findings = (store.load_json("findings") or {}).get("findings", []) if usable else []
+st.subheader("The paper's findings, measured here")
+if not findings:
+    st.info(f"{note} Each page below can also compute its view live.")
+for f in findings:
+    with st.container(border=True):
+        st.markdown(f"{VERDICT_ICON.get(f['verdict'], '')} **{f['claim']}**")
+        st.markdown(f"*This model:* {f['measured']}.")
+        st.caption(f"Verdict: **{f['verdict']}** ({f['rule']}). See page *{f['page']}*, chart *{f['chart']}*.")
+if findings:
+    st.caption(note)
+
 st.subheader("Loaded model")
 summary = lm.summary()
 cols = st.columns(4)
@@ -23,6 +54,9 @@ st.dataframe(pd.DataFrame([summary]).T.rename(columns={0: "value"}).astype(str),
 st.subheader("Datasets")
 for dataset in ("c4", "squad", "math"):
     with st.expander(dataset_label(dataset), expanded=dataset == ui_state.current_dataset()):
+        report = load_report(dataset)
+        st.caption(" · ".join(f"{k.replace('_', ' ')}: {v}" for k, v in report.items()
+                              if k not in ("dataset", "source", "label", "modules", "difficulties")))
         examples = load_examples(dataset, n=3, seed=0)
         rows = [{"prompt": ex.prompt[-600:], "target": ex.target} for ex in examples]
         st.dataframe(pd.DataFrame(rows), width="stretch", hide_index=True)
