@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.paths import RUNS_DIR
+from core import paths
 
 RUN_JSON, PROMPT_FILE, SNAPSHOT_FILE, CHECKPOINT_FILE = (
     "run.json", "prompt.safetensors", "snapshots.safetensors", "checkpoint.pt")
@@ -139,9 +139,9 @@ def run_info(path: Path) -> RunInfo:
     )
 
 
-def list_runs(root: str | Path = RUNS_DIR) -> list[RunInfo]:
-    """Every run folder directly under `root` (or `root` itself), newest first."""
-    root = Path(root)
+def list_runs(root: str | Path | None = None) -> list[RunInfo]:
+    """Every run folder directly under `root` (default RUNS_DIR; or `root` itself), newest first."""
+    root = Path(root if root is not None else paths.RUNS_DIR)
     if not root.exists():
         return []
     folders = [root] if is_run(root) else [p for p in root.iterdir() if p.is_dir() and is_run(p)]
@@ -162,11 +162,11 @@ def delete_run(path: str | Path) -> None:
     shutil.rmtree(path)
 
 
-def new_run_dir(config_name: str, root: str | Path = RUNS_DIR) -> Path:
-    """A fresh, unique folder name under `root` for a new run."""
+def new_run_dir(config_name: str, root: str | Path | None = None) -> Path:
+    """A fresh, unique folder name under `root` (default RUNS_DIR) for a new run."""
     import time
 
-    root = Path(root)
+    root = Path(root if root is not None else paths.RUNS_DIR)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = root / f"{stamp}-{config_name}"
     path, k = base, 1
@@ -174,3 +174,25 @@ def new_run_dir(config_name: str, root: str | Path = RUNS_DIR) -> Path:
         k += 1
         path = base.with_name(f"{base.name}-{k}")
     return path
+
+
+def history_long(history: list[dict]) -> list[dict]:
+    """History as long rows {"step", "kind": "train"|"validation", "loss"} for a line chart."""
+    rows = []
+    for h in history:
+        for kind, key in (("train", "train_loss"), ("validation", "val_loss")):
+            if h.get(key) is not None:
+                rows.append({"step": h["step"], "kind": kind, "loss": float(h[key])})
+    return rows
+
+
+def metrics_table(metrics: dict) -> list[dict]:
+    """Task metrics beside the baselines: one row per condition (trained prompt, no prompt, text prompt)."""
+    names = {"prompt": "trained prompt", "no_prompt": "no prompt", "text_prompt": "hand-written text prompt"}
+    rows = []
+    for key, label in names.items():
+        scores = metrics.get("eval", {}).get(key)
+        if scores:
+            rows.append({"condition": label, "n": scores.get("n"),
+                         **{k: scores[k] for k in ("accuracy", "exact_match", "f1") if k in scores}})
+    return rows

@@ -1,0 +1,118 @@
+"""Train: prompt-tune a soft or deep prompt from a prior (or the Prior-lab sample), live, in the background."""
+
+import json
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+import ui_state
+from core import jobs
+from core.data import dataset_label
+from core.priors import PRIOR_NAMES
+from core.runs import history_long, list_runs, metrics_table, new_run_dir
+from core.tuning import TrainConfig
+
+JOB_KEY = "train_job"  # the running job's id; the job itself lives in core.jobs, outside the rerun path
+
+st.title("Train")
+st.caption("Brief prompt-tuning on the frozen model: the loss on answer tokens only, validation every few steps, "
+           "snapshots of the prompt so its path can be drawn on the *Divergence* page.")
+lm = ui_state.current_model()
+dataset = ui_state.current_dataset()
+if dataset == "c4":
+    st.info("Web text has no answers to score: choose MATH or QA as the dataset in the sidebar.")
+    st.stop()
+st.caption(f"Model **{lm.name}** ({lm.precision}, {lm.device}); data: {dataset_label(dataset)}.")
+
+sent = st.session_state.get("prior_sample")
+left, right = st.columns(2)
+with left:
+    method = st.radio("Method", ["soft", "deep"], horizontal=True, key="train_method",
+                      help="soft: vectors before the input embeddings; deep: also before the input of chosen layers")
+    use_sent = sent is not None and st.toggle(f"Start from the Prior-lab sample ({sent['describe']})", value=True,
+                                              key="train_use_sent")
+    prior = st.selectbox("Prior", PRIOR_NAMES, key="train_prior", disabled=use_sent,
+                         help="Initial distribution of the prompt vectors (the Prior lab shows its options).")
+    params_text = st.text_input("Prior options (JSON)", "{}", key="train_prior_params", disabled=use_sent,
+                                help='e.g. {"sigma": 0.05} or {"source": "math", "layer": 30}')
+    layers = st.multiselect("Layers (deep)", list(range(lm.num_layers)), default=list(range(lm.num_layers))[-3:],
+                            key="train_layers", disabled=method != "deep",
+                            help="Decoder layers that get their own prepended vectors; the paper used the last 3.")
+with right:
+    lr = st.number_input("Learning rate", 1e-5, 1.0, 3e-3, format="%g", key="train_lr")
+    steps = st.number_input("Steps", 1, 5000, 40, key="train_steps")
+    batch = st.number_input("Batch size", 1, 64, 8, key="train_batch")
+    eval_n = st.number_input("Held-out examples for task metrics (0 skips)", 0, 500, 32, key="train_eval_n")
+    seed = st.number_input("Seed", 0, 10_000, 0, key="train_seed")
+
+if st.button("Start training", type="primary", key="train_start"):
+    try:
+        params = ({k: v for k, v in sent["prior"].items() if k not in ("name", "dim")} if use_sent
+                  else json.loads(params_text or "{}"))
+        init = sent["tensor"] if use_sent else None
+        config = TrainConfig(
+            method=method, dataset=dataset, prior=sent["prior"].get("name", "sample") if use_sent else prior,
+            prior_params=params, lr=float(lr), steps=int(steps),
+            batch_size=int(batch), eval_n=int(eval_n), seed=int(seed), layers=layers if method == "deep" else [],
+            n_tokens=int(init.shape[0]) if init is not None else 20)
+    except (ValueError, json.JSONDecodeError) as exc:
+        st.error(f"Cannot start: {exc}")
+        st.stop()
+    out = new_run_dir(f"{method}-{dataset}-{config.prior}-s{config.seed}")
+    st.session_state[JOB_KEY] = jobs.start_job(lm, config, out, init=init)
+
+
+@st.fragment(run_every=1.5)
+def job_panel() -> None:
+    """Polls the background job: progress, live loss, cancel, then the results against the baselines."""
+    job_id = st.session_state.get(JOB_KEY)
+    if job_id is None:
+        st.info("Choose the settings and press *Start training*. Training runs in the background: "
+                "other pages stay usable.")
+        return
+    try:
+        job = jobs.get_job(job_id)
+    except KeyError as exc:
+        st.warning(str(exc))
+        return
+    snap = job.snapshot()
+    st.progress(snap["step"] / max(snap["total"], 1),
+                text=f"{snap['state']}: step {snap['step']} of {snap['total']}, "
+                     f"{snap['tokens_per_s']:.0f} tokens/s, {snap['wall']:.0f} s")
+    if not job.finished and st.button("Cancel (keeps a usable partial run)", key="train_cancel"):
+        job.cancel()
+    rows = history_long(snap["history"])
+    if rows:
+        chart = alt.Chart(pd.DataFrame(rows)).mark_line(point=True).encode(
+            x=alt.X("step:Q", title="training step"),
+            y=alt.Y("loss:Q", title="loss on answer tokens", scale=alt.Scale(zero=False)),
+            color=alt.Color("kind:N", title="loss"),
+            tooltip=["step", "kind", alt.Tooltip("loss", format=".4f")],
+        ).properties(title="Training and validation loss", height=300)
+        st.altair_chart(chart, width="stretch")
+    if snap["error"]:
+        st.error(f"Training failed: {snap['error']}")
+    elif snap["state"] in ("cancelled", "nonfinite"):
+        st.warning(snap["message"])
+    if snap["state"] == "done":
+        m = snap["metrics"]
+        if m.get("initial_val_loss") is not None:
+            st.success(f"Validation loss {m['initial_val_loss']:.4f} -> {m['final_val_loss']:.4f} in "
+                       f"{m['train_seconds']:.0f} s of training. Run saved in `{snap['out_dir']}`.")
+        table = metrics_table(m)
+        if table:
+            st.dataframe(pd.DataFrame(table), hide_index=True, width="stretch")
+            st.caption("Greedy generation on held-out examples; the text prompt is "
+                       f"“{m['eval'].get('text', '')}”.")
+
+
+job_panel()
+
+st.subheader("Runs")
+infos = [r.row() for r in list_runs()]
+if infos:
+    st.dataframe(pd.DataFrame(infos), hide_index=True, width="stretch")
+    st.caption("Compare them on the *Runs* page; `python -m core runs` lists them from a shell.")
+else:
+    st.caption("No runs yet.")
