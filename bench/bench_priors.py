@@ -21,13 +21,15 @@ projection (seed 0, N(0, 1/576) entries) plus isotropic Gaussian noise with
 Theirs for 2,000 samples would loop over 50k-100k candidates (minutes at d=2048):
 the loop runs a fixed number of candidates and its time is extrapolated from
 its measured per-candidate time and its measured acceptance rate; the output
-says where. Run: `.venv/bin/python bench/bench_priors.py` (about 3-4 minutes on 2 cores).
+says where. Run: `.venv/bin/python bench/bench_priors.py` (a few minutes on 2 cores); it first
+prints each prior's medians over 20 samples on the embedded model (`--skip-table` to omit).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import torch
@@ -114,18 +116,39 @@ def bench_width(name: str, cloud: torch.Tensor, sizes: list[int], c: float, loop
     return results
 
 
+def prior_table(lm, n: int = 20) -> None:  # noqa: ANN001
+    """Each prior's default on the embedded model: medians over n samples (seed 0) of the Prior lab's measures."""
+    from core.priors import PRIOR_NAMES
+    from core.priors.report import sample_report
+
+    print(f"prior table: {n} samples per prior (generator seed 0), embedded model, default options")
+    for name in PRIOR_NAMES:
+        prior = make_prior(name, lm=lm)
+        x = prior.sample(n, torch.Generator().manual_seed(0))
+        _, s = sample_report(lm, prior, x)
+        maha = "; ".join(f"{s[k]:.1f} ({s[k.removeprefix('median_') + '_fit']})"
+                         for k in s if k.startswith("median_mahalanobis"))
+        rate = f" acceptance {s['acceptance_rate']:.4f} of {s['candidates']:,}" if "acceptance_rate" in s else ""
+        print(f"  {name:16s} median nearest-token cos {s['median_nearest_cos']:.3f}  median Mahalanobis {maha}  "
+              f"median norm ratio {s['median_norm_ratio']:.2f}{rate}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--c", type=float, default=5.0)
     parser.add_argument("--loop-cap", type=int, default=4000, help="candidates the reference loop runs before "
                         "its time is extrapolated")
+    parser.add_argument("--skip-table", action="store_true", help="skip the per-prior table of medians")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f} (other work on the machine slows both sides)")
     lm = load_model(device="cpu")
     emb = lm.input_embeddings()
+    if not args.skip_table:
+        prior_table(lm)
     results = bench_width("d=576 tokens", emb, [20, 2000], args.c, args.loop_cap)
     del lm
     results += bench_width("d=2048 synthetic", synthetic_cloud(emb), [20, 2000], args.c, args.loop_cap)
