@@ -1,0 +1,219 @@
+"""Our soft-prompt training step against PEFT prompt tuning, on the same real MATH and QA examples.
+
+    .venv/bin/python bench/bench_tuning.py [--rounds 3] [--threads 1] [--batch-size 8] [--n 32]
+
+Both train 20 virtual tokens on the embedded SmolLM2-135M (loaded in fp32) with
+bf16 compute and the same thread count:
+- PEFT: `get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", prompt_tuning_init=RANDOM))`, trained the
+  documented way: DataLoader-style shuffled batches padded on the right with an attention mask, labels -100 off
+  the answer, `model(input_ids, attention_mask, labels).loss.backward()` under `torch.autocast("cpu", bfloat16)`.
+- ours: `core.tuning` (bf16 weights made once, batches bucketed by length, logits only at answer positions).
+Each round passes every example once per method and dataset, interleaved (PEFT, ours, PEFT, ours ...); the first
+round is a warm-up. Tokens are real (non-pad) tokens, identical for both. Peak memory is the RSS high-water mark
+(VmHWM) of a fresh child process per method running the same examples, so neither pays for the other's state.
+The ceiling line divides our useful FLOP rate (4·N·tokens for the forward and the backward to activations, N the
+non-embedding parameters, with the 20 virtual tokens counted as tokens, plus 4·d·V per answer token for the head)
+by this machine's bf16 matrix-product rate measured here (2048 x 2048 x 2048).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+N_VIRTUAL = 20
+
+
+def vm_hwm_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def load_sets(lm, n: int) -> dict[str, list]:
+    from core.data import fit_to_length, load_examples
+
+    math_ex = load_examples("math", split="train", n=n, seed=1)
+    qa_ex = [fit_to_length(ex, lm.tokenizer, 318) for ex in load_examples("squad", split="train", n=n, seed=1)]
+    return {"math": math_ex, "qa": qa_ex}
+
+
+class Ours:
+    def __init__(self, lm, examples: list, batch_size: int) -> None:
+        from core.tuning import build_prompt, compute_model, encode_examples
+
+        self.model, self.amp = compute_model(lm, "bf16")
+        self.items = encode_examples(lm.tokenizer, examples)
+        self.pad, self.bs = lm.tokenizer.pad_token_id, batch_size
+        self.prompt = build_prompt("soft", lm.hidden_size, lm.num_layers, n_tokens=N_VIRTUAL)
+        torch.nn.init.normal_(self.prompt.soft, std=0.5)
+        self.opt = torch.optim.AdamW(self.prompt.parameters(), lr=3e-3, weight_decay=0.0)
+        self.epoch = 0
+
+    def one_pass(self) -> tuple[int, int, int]:
+        from core.tuning import answer_loss, collate
+        from core.tuning.batches import epoch_batches
+
+        tokens = answers = rows = 0
+        for idx in epoch_batches(self.items, self.bs, seed=0, epoch=self.epoch):
+            batch = collate([self.items[i] for i in idx], self.pad)
+            loss = answer_loss(self.model, self.prompt, batch, self.amp) / batch.n_answer
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.prompt.parameters(), 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            tokens, answers, rows = tokens + batch.n_tokens, answers + batch.n_answer, rows + len(idx)
+        self.epoch += 1
+        return tokens, answers, rows
+
+
+class Peft:
+    def __init__(self, lm, examples: list, batch_size: int) -> None:
+        from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+
+        from core.tuning import encode_examples
+
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL,
+                                    prompt_tuning_init=PromptTuningInit.RANDOM)
+        self.model = get_peft_model(lm.model, config)
+        self.items = encode_examples(lm.tokenizer, examples)  # the same token ids as ours
+        self.pad, self.bs = lm.tokenizer.pad_token_id, batch_size
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=3e-3,
+                                     weight_decay=0.0)
+        self.rng = random.Random(0)
+
+    def batch(self, idx: list[int]) -> dict:
+        width = max(len(self.items[i].ids) for i in idx)
+        ids = torch.full((len(idx), width), self.pad)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        labels = torch.full((len(idx), width), -100)
+        for r, i in enumerate(idx):
+            item = self.items[i]
+            ids[r, : len(item.ids)] = torch.tensor(item.ids)
+            mask[r, : len(item.ids)] = 1
+            labels[r, len(item.ids) - item.n_answer: len(item.ids)] = torch.tensor(item.ids[-item.n_answer:])
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def one_pass(self) -> tuple[int, int, int]:
+        order = list(range(len(self.items)))
+        self.rng.shuffle(order)  # DataLoader(shuffle=True)
+        tokens = answers = rows = 0
+        for start in range(0, len(order) - self.bs + 1, self.bs):
+            idx = order[start: start + self.bs]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = self.model(**self.batch(idx)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            tokens += sum(len(self.items[i].ids) for i in idx)
+            answers += sum(self.items[i].n_answer for i in idx)
+            rows += len(idx)
+        return tokens, answers, rows
+
+
+def bf16_rate(reps: int = 5) -> float:
+    a, b = torch.randn(2048, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best
+
+
+def child(method: str, args: argparse.Namespace) -> None:
+    """Fresh process: load, run every set once (twice for warm-up), print the RSS high-water mark."""
+    from core.models import load_model
+
+    torch.set_num_threads(args.threads)
+    lm = load_model(device="cpu")
+    sets = load_sets(lm, args.n)
+    base = vm_hwm_mb()
+    for examples in sets.values():
+        (Ours if method == "ours" else Peft)(lm, examples, args.batch_size).one_pass()
+    print(json.dumps({"method": method, "loaded_mb": base, "peak_mb": vm_hwm_mb()}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds after one warm-up")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--n", type=int, default=32, help="examples per dataset")
+    parser.add_argument("--child", choices=["ours", "peft"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args)
+        return 0
+    from core.models import load_model
+
+    torch.set_num_threads(args.threads)
+    lm = load_model(device="cpu")
+    sets = load_sets(lm, args.n)
+    params = {id(p): p for p in lm.model.parameters()}
+    n_nonembed = sum(p.numel() for p in params.values()) - lm.model.get_input_embeddings().weight.numel()
+    d, vocab = lm.hidden_size, lm.model.config.vocab_size
+    print(f"threads {args.threads}, batch {args.batch_size}, {args.n} examples per set, non-embedding params "
+          f"{n_nonembed / 1e6:.1f} M")
+    runners = {}
+    for name, examples in sets.items():
+        lengths = sorted(len(x) for x in (lm.tokenizer(e.prompt + e.target).input_ids for e in examples))
+        print(f"{name}: lengths min {lengths[0]} median {lengths[len(lengths) // 2]} max {lengths[-1]}")
+        runners[name] = {"peft": Peft(lm, examples, args.batch_size), "ours": Ours(lm, examples, args.batch_size)}
+    totals = {(s, m): [0, 0.0, 0] for s in sets for m in ("peft", "ours")}
+    flops = 0.0
+    for rnd in range(args.rounds + 1):
+        for name in sets:
+            for method in ("peft", "ours"):
+                start = time.perf_counter()
+                tokens, answers, rows = runners[name][method].one_pass()
+                elapsed = time.perf_counter() - start
+                print(f"round {rnd} {name:4s} {method:4s} {tokens / elapsed:7.1f} tokens/s ({elapsed:.1f} s)",
+                      flush=True)
+                if rnd > 0:
+                    t = totals[(name, method)]
+                    t[0], t[1], t[2] = t[0] + tokens, t[1] + elapsed, t[2] + 1
+                    if method == "ours":
+                        flops += 4 * n_nonembed * (tokens + N_VIRTUAL * rows) + 4 * d * vocab * answers
+    rate = bf16_rate()
+    mem = {}
+    for method in ("peft", "ours"):
+        out = subprocess.run([sys.executable, __file__, "--child", method, "--threads", str(args.threads),
+                              "--batch-size", str(args.batch_size), "--n", str(args.n)], capture_output=True,
+                             text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        line = [x for x in out.stdout.splitlines() if x.startswith("{")]
+        if not line:
+            print(out.stderr[-2000:])
+            raise SystemExit(f"memory child for {method} failed")
+        mem[method] = json.loads(line[-1])
+        print(f"memory {method}: loaded {mem[method]['loaded_mb']:.0f} MB, peak {mem[method]['peak_mb']:.0f} MB")
+    ours_time = sum(totals[(s, "ours")][1] for s in sets)
+    achieved = flops / ours_time
+    print(f"bf16 2048^3 matmul: {rate / 1e9:.1f} GFLOP/s; our useful rate {achieved / 1e9:.1f} GFLOP/s")
+    for name in sets:
+        ours = totals[(name, "ours")][0] / totals[(name, "ours")][1]
+        theirs = totals[(name, "peft")][0] / totals[(name, "peft")][1]
+        print(f"RESULT tokens_per_s_{name}_vs_peft ratio={ours / theirs:.3f} ours={ours:.1f} theirs={theirs:.1f} "
+              f"unit=tokens/s")
+    print(f"RESULT peak_rss_vs_peft ratio={mem['peft']['peak_mb'] / mem['ours']['peak_mb']:.3f} "
+          f"ours={mem['ours']['peak_mb']:.0f} theirs={mem['peft']['peak_mb']:.0f} unit=MB")
+    print(f"RESULT bf16_matmul_ceiling ratio={achieved / rate:.3f} ours={achieved / 1e9:.1f} "
+          f"theirs={rate / 1e9:.1f} unit=GFLOP/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
