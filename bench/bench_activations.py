@@ -1,0 +1,138 @@
+"""Activation extraction: ours (`collect_activations`) vs plain fp32 `model(..., output_hidden_states=True)`.
+
+Same real texts (C4, SQuAD and MATH stand-ins, mixed lengths, each cut to --max-length
+tokens), same batch size; cold (no disk cache: `collect_activations` never caches).
+The reference is what a user would write: tokenise each batch of 8 in the given order
+with padding, run the whole model in fp32 with all hidden states, keep the
+non-padding rows of the wanted layer. Ours stops after the layer, sorts texts by
+length into batches and, for this fp32 model, runs under bf16 autocast.
+
+Error: relative Frobenius error ||ours - ref|| / ||ref|| over all non-padding rows
+except each text's first token (the attention sink, which the views leave out),
+and the 99th percentile of the per-row relative error. For the last layer
+transformers returns the hidden state *after* the final norm, ours is the block
+output before it, so the norm is applied to ours before comparing.
+
+    .venv/bin/python bench/bench_activations.py            # ~1-2 min on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from core.activations import collect_activations, keep_side, tokenize
+from core.data import example_texts
+from core.models import load_model
+
+
+def reference(lm, texts: list[str], keep: list[str], layer: int, max_length: int, batch_size: int):  # noqa: ANN001
+    """Plain transformers: fp32, every layer and the head, padded batches in the given order."""
+    ids = [tokenize(lm, [t], max_length, k)[0] for t, k in zip(texts, keep, strict=True)]
+    rows, padded = [], 0
+    for start in range(0, len(ids), batch_size):
+        batch = ids[start : start + batch_size]
+        enc = lm.tokenizer.pad({"input_ids": batch}, return_tensors="pt")
+        padded += enc["input_ids"].numel()
+        with torch.inference_mode():
+            hidden = lm.model(**enc, output_hidden_states=True).hidden_states[layer]  # [B, T, d]
+        for r, seq in enumerate(batch):
+            rows.append(hidden[r, 1 : len(seq)].float().numpy())  # first token left out, as in our default view
+    return np.concatenate(rows), padded
+
+
+def ours(lm, texts: list[str], keep: list[str], layer: int, max_length: int, batch_size: int,  # noqa: ANN001
+         compute: str = "auto"):
+    # Texts of one dataset share a truncation side; group calls by side and keep the given order.
+    parts = []
+    for side in dict.fromkeys(keep):
+        chosen = [t for t, k in zip(texts, keep, strict=True) if k == side]
+        parts.append(collect_activations(lm, chosen, [layer], max_length=max_length, batch_size=batch_size,
+                                         keep=side, compute=compute))
+    return parts
+
+
+def ours_rows(parts, layer: int) -> np.ndarray:  # noqa: ANN001
+    return np.concatenate([p.layer(layer) for p in parts])
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:  # noqa: ANN001
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-dataset", type=int, default=8, help="texts per dataset (3 datasets)")
+    parser.add_argument("--max-length", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side; the median is reported")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for both sides; 1 because the 2 cores here are shared and spinning "
+                             "OpenMP threads made both sides 2-5x slower and noisy under load")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    lm = load_model(precision="fp32", device="cpu")
+    texts, keep = [], []
+    for d in ("c4", "squad", "math"):
+        got = example_texts(d, args.per_dataset, seed=0)
+        texts += got
+        keep += [keep_side(d)] * len(got)
+    # Interleave datasets so that the reference's batches mix lengths, as a user's would.
+    order = np.random.default_rng(0).permutation(len(texts))
+    texts, keep = [texts[i] for i in order], [keep[i] for i in order]
+    # ours() groups by truncation side; align the reference's row order with it.
+    by_side = [i for side in dict.fromkeys(keep) for i in range(len(texts)) if keep[i] == side]
+    ref_texts, ref_keep = [texts[i] for i in by_side], [keep[i] for i in by_side]
+    n_tokens = sum(len(tokenize(lm, [t], args.max_length, k)[0]) for t, k in zip(texts, keep, strict=True))
+    print(f"model {lm.name} fp32 on {lm.device}, torch threads {torch.get_num_threads()}; {len(texts)} texts, "
+          f"{n_tokens} tokens (max {args.max_length}/text), batch size {args.batch_size}; CPU shared with others")
+
+    mid, last = lm.num_layers // 2, lm.num_layers
+    results = []
+    for layer in (mid, last):
+        # Warm-up every path once (first-call allocations, kernel selection).
+        reference(lm, ref_texts[:8], ref_keep[:8], layer, args.max_length, args.batch_size)
+        t_ref, (ref_rows, padded) = timed(
+            lambda layer=layer: reference(lm, ref_texts, ref_keep, layer, args.max_length, args.batch_size),
+            args.repeats)
+        # Rows whose norm is far above the median: massive activations at a few non-first tokens.
+        norms = np.linalg.norm(ref_rows, axis=1)
+        massive = norms > 5 * np.median(norms)
+        print(f"layer {layer}: reference {t_ref:.2f} s, {padded} padded positions for {n_tokens} tokens")
+        for compute in ("auto", "native"):
+            ours(lm, texts[:8], keep[:8], layer, args.max_length, args.batch_size, compute)
+            t_ours, parts = timed(lambda layer=layer, c=compute: ours(lm, texts, keep, layer, args.max_length,
+                                                                      args.batch_size, c), args.repeats)
+            got = ours_rows(parts, layer)
+            if layer == lm.num_layers:
+                with torch.inference_mode():
+                    got = lm.model.model.norm(torch.from_numpy(got)).numpy()
+            err = float(np.linalg.norm(got - ref_rows) / np.linalg.norm(ref_rows))
+            rest = float(np.linalg.norm((got - ref_rows)[~massive]) / np.linalg.norm(ref_rows[~massive]))
+            mode = parts[0].compute
+            print(f"  ours ({mode}): {t_ours:.2f} s; relative error {100 * err:.2f}% over {len(got)} rows, "
+                  f"{100 * rest:.2f}% without the {int(massive.sum())} massive-activation rows")
+            results.append((layer, mode, t_ref, t_ours, err))
+    for layer, mode, _t_ref, _t_ours, err in results:
+        name = "middle" if layer == mid else "last"
+        print(f"ERROR extract_{name}_layer{layer}_{mode} relative_error={err:.4f}")
+    for layer, mode, t_ref, t_ours, _err in results:
+        name = "middle" if layer == mid else "last"
+        suffix = "" if mode == "bf16" else "_fp32"  # the default (auto) is bf16 autocast for an fp32 model
+        print(f"RESULT extract_{name}_layer{layer}{suffix}_vs_hf_output_hidden_states ratio={t_ref / t_ours:.2f} "
+              f"ours={t_ours:.3f} theirs={t_ref:.3f} unit=s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
