@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from types import SimpleNamespace
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from core.evaluation import generate
+from core.runs import load_run
 from core.tuning import (
     METHODS,
     DeepPrompt,
@@ -242,3 +244,15 @@ def test_short_real_run_lowers_validation_loss(real_lm, tmp_path):
     result = train(real_lm, config, tmp_path / "real")
     first, last = result.history[0]["val_loss"], result.history[-1]["val_loss"]
     assert result.status == "done" and last < first, (first, last)
+
+
+def test_deep_layers_draw_from_the_prior_fitted_at_their_own_layer(tiny_lm, tmp_path):
+    config = _config(method="deep", steps=1, prior="fitted", prior_params={"source": "math", "n_docs": 8},
+                     layers=[1, 3])
+    result = train(tiny_lm, config, tmp_path / "fit", examples=DATA)
+    saved = json.loads((tmp_path / "fit" / "run.json").read_text())["config"]
+    assert saved["deep_prior_layers"] == {"deep.1": 1, "deep.3": 3}
+    snaps = load_run(tmp_path / "fit").snapshots
+    norms = {k: float(v[0].norm(dim=-1).mean()) for k, v in snaps.items()}
+    assert norms["deep.3"] != pytest.approx(norms["deep.1"], rel=1e-3)  # different clouds, different scales
+    assert result.status == "done"

@@ -148,7 +148,9 @@ def initial_tensors(
 
     One generator seeded with `config.seed` draws the soft prompt first, then each
     deep layer in order. `init` ([n, d], e.g. the Prior-lab sample) replaces the soft
-    draw; a dict {name: [n, d]} replaces the named tensors.
+    draw; a dict {name: [n, d]} replaces the named tensors. When the prior is fitted on a
+    dataset's activations (prior_params "source" not "tokens", no "layer"), each deep
+    layer's vectors come from the same prior fitted at that layer's input.
     """
     names = list(prompt.named_tensors())
     n, d = config.n_tokens, lm.hidden_size
@@ -173,8 +175,16 @@ def initial_tensors(
         prior = make_prior(config.prior, lm=lm, **config.prior_params)
         info["prior_params"] = getattr(prior, "params", config.prior_params)
         info["prior_describe"] = prior.describe() if hasattr(prior, "describe") else config.prior
+        per_layer = config.prior_params.get("source", "tokens") not in ("tokens", None) and "layer" not in \
+            config.prior_params
         for name in need:
-            sample = prior.sample(n, generator=gen).detach().float().cpu()
+            source = prior
+            if per_layer and name.startswith("deep."):
+                # a prior fitted on a dataset's activations: each deep layer draws from the cloud at its own input
+                # (the input of block l is activation layer l), so the vectors start at that layer's scale
+                source = make_prior(config.prior, lm=lm, **{**config.prior_params, "layer": int(name[5:])})
+                info.setdefault("deep_prior_layers", {})[name] = int(name[5:])
+            sample = source.sample(n, generator=gen).detach().float().cpu()
             if tuple(sample.shape) != (n, d):
                 raise ValueError(f"prior {config.prior!r} gave shape {tuple(sample.shape)}, expected ({n}, {d})")
             out[name] = sample
