@@ -7,7 +7,7 @@ import streamlit as st
 
 import ui_state
 from core.data import dataset_label
-from core.priors import PRIOR_NAMES, SamplingError, prior_from_params, prior_options
+from core.priors import PRIOR_NAMES, SamplingError, make_prior, prior_options
 from core.priors.base import REGISTRY
 from core.priors.report import prior_view, sample_report
 
@@ -41,9 +41,10 @@ def option_widget(field, key: str):  # noqa: ANN001, ANN201 - a dataclasses.Fiel
 
 @st.cache_resource(show_spinner="Fitting the prior (fits and activations are cached after the first time) ...",
                    max_entries=6)
-def cached_prior(fingerprint: str, params_json: str):  # noqa: ANN201
-    # The model fingerprint and every option are the key; the model itself comes from the sidebar cache.
-    return prior_from_params(json.loads(params_json), lm=ui_state.current_model())
+def cached_prior(fingerprint: str, params_json: str, _progress=None):  # noqa: ANN001, ANN201
+    # Key: the model fingerprint and every option. _progress only reports; it changes nothing in the result.
+    params = json.loads(params_json)
+    return make_prior(params.pop("name"), lm=ui_state.current_model(), progress=_progress, **params)
 
 
 name = st.selectbox("Prior", PRIOR_NAMES, key="prior_lab_name",
@@ -59,12 +60,15 @@ n = left.slider("Vectors to sample (n)", 1, 2000, 20, key="prior_lab_n")
 view = right.radio("View", ["PCA", "t-SNE"], horizontal=True, key="prior_lab_view",
                    help="PCA axes are fitted on the reference cloud; t-SNE embeds a subsample and the sample jointly.")
 
+bar = st.empty()
 try:
-    prior = cached_prior(lm.fingerprint, json.dumps({"name": name, **options}))
+    prior = cached_prior(lm.fingerprint, json.dumps({"name": name, **options}),
+                         lambda f: bar.progress(min(1.0, f), text="Computing dataset activations (cached after) ..."))
     sample = prior.sample(int(n))
 except (ValueError, SamplingError) as exc:
     st.info(f"These options do not work: {exc}")
     st.stop()
+bar.empty()
 
 st.markdown(f"**{prior.describe()}**")
 datasets = [v for k, v in options.items() if k.startswith("source") and v != "tokens"]

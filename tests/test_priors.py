@@ -300,6 +300,25 @@ def test_knn_low_density_keeps_the_far_candidates():
     assert np.median(prior.knn_distance(x)) > np.median(prior.knn_distance(plain))
 
 
+def test_progress_is_reported_while_activations_are_computed(tiny_lm, tmp_path, monkeypatch):
+    import core.activations
+    import core.priors.fit
+
+    def fresh(name):
+        path = tmp_path / name
+        path.mkdir(exist_ok=True)
+        return path
+
+    monkeypatch.setattr(core.activations, "cache_subdir", fresh)
+    monkeypatch.setattr(core.priors.fit, "cache_subdir", fresh)
+    clear_memory_cache()
+    seen = []
+    make_prior("fitted", lm=tiny_lm, source="math", layer=2, n_docs=4, progress=seen.append)
+    assert seen and seen[-1] == pytest.approx(1.0)
+    make_prior("gaussian", lm=tiny_lm, progress=seen.append)  # needs no activations: accepted, unused
+    clear_memory_cache()
+
+
 def test_fit_is_cached_in_memory_and_on_disk(tiny_lm):
     first = fitted_gaussian(tiny_lm)
     assert fitted_gaussian(tiny_lm) is first

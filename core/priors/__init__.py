@@ -13,6 +13,7 @@ Names (PRIOR_NAMES): gaussian, xavier, fitted, exclusion, interpolation, vae
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 from core.models import LoadedModel
 from core.priors import (  # noqa: F401 - importing registers each prior
@@ -28,7 +29,7 @@ from core.priors import (  # noqa: F401 - importing registers each prior
 )
 from core.priors.base import REGISTRY, SOURCES, Prior, PriorConfig, SamplingError
 from core.priors.exclusion import c_dim, expected_acceptance
-from core.priors.fit import FittedGaussian, fit_gaussian, fitted_gaussian, reference_cloud
+from core.priors.fit import FittedGaussian, ProgressFn, fit_gaussian, fitted_gaussian, reference_cloud
 
 # The paper's priors in its order, then the ones beyond it; the UI lists them like this.
 PRIOR_NAMES: list[str] = [
@@ -51,13 +52,17 @@ def _prior_class(name: str) -> type[Prior]:
     return REGISTRY[name]
 
 
-def make_prior(name: str, lm: LoadedModel | None = None, dim: int | None = None, **params) -> Prior:
+def make_prior(
+    name: str, lm: LoadedModel | None = None, dim: int | None = None, progress: ProgressFn | None = None, **params
+) -> Prior:
     """Build prior `name` with its options as keywords.
 
     lm gives the width d and the default reference cloud (token embeddings);
     dim alone is enough for gaussian and xavier. Fitting priors take
     source= ("tokens", "c4", "squad", "math") and layer=, or reference= a
-    [N, d] tensor (interpolation: reference_a=, reference_b=).
+    [N, d] tensor (interpolation: reference_a=, reference_b=). progress, when
+    given, hears the fraction done while dataset activations are computed
+    (priors that need none ignore it).
     Unknown names or options raise ValueError listing what is allowed.
     """
     cls = _prior_class(name)
@@ -72,6 +77,8 @@ def make_prior(name: str, lm: LoadedModel | None = None, dim: int | None = None,
     types = {f.name: str(f.type) for f in dataclasses.fields(cls.Config)}
     config = cls.Config(**{k: _coerce(k, v, types[k]) for k, v in params.items()})
     objects = {k: v for k, v in objects.items() if v is not None}
+    if progress is not None and "progress" in inspect.signature(cls.__init__).parameters:
+        objects["progress"] = progress
     try:
         return cls(config, lm=lm, dim=dim, **objects)
     except TypeError as exc:

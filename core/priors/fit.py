@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,7 @@ FORMAT_VERSION = 1
 MAX_LENGTH = 128  # tokens per text for activation clouds, as core.activations defaults
 _MEMORY: OrderedDict[str, FittedGaussian] = OrderedDict()
 _MEMORY_ENTRIES = 8  # d=2048 fits are ~70 MB each (cov + Cholesky in float64)
+ProgressFn = Callable[[float], None]  # called with the fraction done while activations are computed
 
 
 @dataclass
@@ -201,7 +203,8 @@ def fit_gaussian(
 
 
 def reference_cloud(
-    lm: LoadedModel, source: str | None = None, layer: int | None = None, n_docs: int = 64, data_seed: int = 0
+    lm: LoadedModel, source: str | None = None, layer: int | None = None, n_docs: int = 64, data_seed: int = 0,
+    progress: ProgressFn | None = None,
 ) -> torch.Tensor:
     """The cloud a prior is fitted to, float32 [N, d]: token embeddings [V, d] for source None/"tokens",
     else a dataset's activations at `layer` (default: last), first token and padding excluded."""
@@ -212,7 +215,9 @@ def reference_cloud(
         return lm.input_embeddings()
     from core.activations import dataset_activations
 
-    acts = dataset_activations(lm, source, [layer], n=int(n_docs), seed=int(data_seed), max_length=MAX_LENGTH)
+    acts = dataset_activations(
+        lm, source, [layer], n=int(n_docs), seed=int(data_seed), max_length=MAX_LENGTH, progress=progress
+    )
     return torch.from_numpy(acts.layer(layer))
 
 
@@ -253,11 +258,13 @@ def fitted_gaussian(
     covariance: str = "full",
     shrinkage: float | None = None,
     refresh: bool = False,
+    progress: ProgressFn | None = None,
 ) -> FittedGaussian:
     """The Gaussian fit of `lm`'s token embeddings (source None/"tokens") or of a dataset's
     activations at `layer`, computed once and cached in memory and on disk under
     `cache_subdir("priors")`, keyed by fingerprint, source, layer, n_docs, data_seed,
-    covariance and shrinkage. `refresh=True` recomputes and overwrites.
+    covariance and shrinkage. `refresh=True` recomputes and overwrites; `progress` hears
+    how far the activations are when they must be computed.
     """
     if covariance not in COVARIANCES:
         raise ValueError(f"covariance must be one of {', '.join(COVARIANCES)}; got {covariance!r}")
@@ -276,7 +283,7 @@ def fitted_gaussian(
             except Exception:  # noqa: BLE001 - an unreadable entry is a miss, recomputed below
                 fit = None
         if fit is None:
-            cloud = reference_cloud(lm, source, layer, n_docs, data_seed)
+            cloud = reference_cloud(lm, source, layer, n_docs, data_seed, progress)
             fit = fit_gaussian(cloud, covariance, shrinkage, label=reference_label(lm, source, layer))
             disk.set(key, fit.to_arrays(), retry=True)
     _MEMORY[key] = fit
@@ -290,7 +297,9 @@ def clear_memory_cache() -> None:
     _MEMORY.clear()
 
 
-def fit_for(config, lm: LoadedModel | None, reference: torch.Tensor | None) -> FittedGaussian:  # noqa: ANN001
+def fit_for(  # noqa: ANN001 - config: a prior config with source, layer, n_docs, data_seed
+    config, lm: LoadedModel | None, reference: torch.Tensor | None, progress: ProgressFn | None = None
+) -> FittedGaussian:
     """The fit a prior's config asks for: of `reference` [N, d] when given (not cached), else the cached
     `fitted_gaussian` of lm's source cloud."""
     covariance = getattr(config, "covariance", "full")
@@ -300,5 +309,5 @@ def fit_for(config, lm: LoadedModel | None, reference: torch.Tensor | None) -> F
     if lm is None:
         raise ValueError("this prior fits a reference cloud: pass lm= (a loaded model) or reference= ([N, d] tensor)")
     return fitted_gaussian(
-        lm, config.source, config.layer, config.n_docs, config.data_seed, covariance, shrinkage
+        lm, config.source, config.layer, config.n_docs, config.data_seed, covariance, shrinkage, progress=progress
     )

@@ -8,7 +8,7 @@ import torch
 
 from core.models import LoadedModel
 from core.priors.base import COVARIANCES, Prior, ReferenceConfig, option, register
-from core.priors.fit import FittedGaussian, fit_for
+from core.priors.fit import FittedGaussian, ProgressFn, fit_for
 
 
 @dataclass
@@ -30,9 +30,9 @@ class GaussianFitPrior(Prior):
     """Base of priors built on the Gaussian fit of a reference cloud (`self.fit`)."""
 
     def __init__(self, config: FittedConfig, lm: LoadedModel | None = None, dim: int | None = None,
-                 reference: torch.Tensor | None = None) -> None:
+                 reference: torch.Tensor | None = None, progress: ProgressFn | None = None) -> None:
         super().__init__(config, lm, dim)
-        self.fit: FittedGaussian = fit_for(config, lm, reference)
+        self.fit: FittedGaussian = fit_for(config, lm, reference, progress)
         if self._dim is not None and self._dim != self.fit.dim:
             raise ValueError(f"the reference cloud has width {self.fit.dim} but dim={self._dim}")
         self._dim = self.fit.dim

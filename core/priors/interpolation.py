@@ -13,7 +13,7 @@ import torch
 
 from core.models import LoadedModel
 from core.priors.base import COVARIANCES, SOURCES, Prior, PriorConfig, check_source, option, register
-from core.priors.fit import FittedGaussian, fit_gaussian, fitted_gaussian
+from core.priors.fit import FittedGaussian, ProgressFn, fit_gaussian, fitted_gaussian
 
 
 @dataclass
@@ -44,24 +44,26 @@ class InterpolationPrior(Prior):
     summary = "alpha x + (1 - alpha) y between Gaussians fitted on two clouds (paper: MATH and C4)"
 
     def __init__(self, config: InterpolationConfig, lm: LoadedModel | None = None, dim: int | None = None,
-                 reference_a: torch.Tensor | None = None, reference_b: torch.Tensor | None = None) -> None:
+                 reference_a: torch.Tensor | None = None, reference_b: torch.Tensor | None = None,
+                 progress: ProgressFn | None = None) -> None:
         super().__init__(config, lm, dim)
-        self.fit_a = self._fit(config.source_a, reference_a)
-        self.fit_b = self._fit(config.source_b, reference_b)
+        half = (lambda f: progress(0.5 * f), lambda f: progress(0.5 + 0.5 * f)) if progress else (None, None)
+        self.fit_a = self._fit(config.source_a, reference_a, half[0])
+        self.fit_b = self._fit(config.source_b, reference_b, half[1])
         if self.fit_a.dim != self.fit_b.dim:
             raise ValueError(f"the two clouds have different widths: {self.fit_a.dim} and {self.fit_b.dim}")
         self._dim = self.fit_a.dim
         self.last_alpha: torch.Tensor | None = None
         self._fixed_fit: FittedGaussian | None = None
 
-    def _fit(self, source: str, reference: torch.Tensor | None) -> FittedGaussian:
+    def _fit(self, source: str, reference: torch.Tensor | None, progress: ProgressFn | None) -> FittedGaussian:
         c = self.config
         if reference is not None:
             return fit_gaussian(reference, c.covariance, label="a given cloud")
         if self.lm is None:
             raise ValueError("interpolation fits two clouds: pass lm= or reference_a= and reference_b=")
         layer = None if source == "tokens" else c.layer
-        return fitted_gaussian(self.lm, source, layer, c.n_docs, c.data_seed, c.covariance)
+        return fitted_gaussian(self.lm, source, layer, c.n_docs, c.data_seed, c.covariance, progress=progress)
 
     def _sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         x = self.fit_a.sample(n, generator)  # [n, d]

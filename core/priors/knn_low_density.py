@@ -19,7 +19,7 @@ import torch
 
 from core.models import LoadedModel
 from core.priors.base import SamplingError, acceptance_stats, option, register
-from core.priors.fit import reference_cloud
+from core.priors.fit import ProgressFn, reference_cloud
 from core.priors.fitted import FittedConfig, GaussianFitPrior
 
 
@@ -51,8 +51,8 @@ class KnnLowDensityPrior(GaussianFitPrior):
     summary = "fitted-Gaussian draws kept only far from the cloud (k-NN distance in an upper quantile)"
 
     def __init__(self, config: KnnConfig, lm: LoadedModel | None = None, dim: int | None = None,
-                 reference: torch.Tensor | None = None) -> None:
-        super().__init__(config, lm, dim, reference)
+                 reference: torch.Tensor | None = None, progress: ProgressFn | None = None) -> None:
+        super().__init__(config, lm, dim, reference, progress)
         from sklearn.neighbors import NearestNeighbors
 
         cloud = reference if reference is not None else reference_cloud(

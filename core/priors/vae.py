@@ -24,7 +24,7 @@ from torch import nn
 
 from core.models import LoadedModel
 from core.priors.base import Prior, ReferenceConfig, option, register, resolve_layer
-from core.priors.fit import FORMAT_VERSION, MAX_LENGTH, _disk, reference_cloud
+from core.priors.fit import FORMAT_VERSION, MAX_LENGTH, ProgressFn, _disk, reference_cloud
 
 _ACTIVE_VAR = 0.01
 
@@ -163,19 +163,19 @@ class VaePrior(Prior):
     summary = "decoded draws from the latent prior of a small VAE trained on activations"
 
     def __init__(self, config: VaeConfig, lm: LoadedModel | None = None, dim: int | None = None,
-                 reference: torch.Tensor | None = None) -> None:
+                 reference: torch.Tensor | None = None, progress: ProgressFn | None = None) -> None:
         super().__init__(config, lm, dim)
         if reference is not None:
             self.model, self.diagnostics = train_vae(reference, config)
         elif lm is None:
             raise ValueError("the vae prior trains on a cloud: pass lm= (a loaded model) or reference= ([N, d])")
         else:
-            self.model, self.diagnostics = self._cached(lm, config)
+            self.model, self.diagnostics = self._cached(lm, config, progress)
         self._dim = int(self.model.shift.shape[0])
         self.custom_reference = reference is not None
 
     @staticmethod
-    def _cached(lm: LoadedModel, config: VaeConfig) -> tuple[Vae, dict]:
+    def _cached(lm: LoadedModel, config: VaeConfig, progress: ProgressFn | None) -> tuple[Vae, dict]:
         key = _vae_key(lm, config)
         with _disk() as disk:
             blob = disk.get(key, default=None, retry=True)
@@ -186,7 +186,7 @@ class VaePrior(Prior):
                     return model.eval().requires_grad_(False), blob["diagnostics"] | {"cached": True}
                 except Exception:  # noqa: BLE001 - damaged or outdated entry: retrain below
                     disk.delete(key, retry=True)
-            cloud = reference_cloud(lm, config.source, config.layer, config.n_docs, config.data_seed)
+            cloud = reference_cloud(lm, config.source, config.layer, config.n_docs, config.data_seed, progress)
             model, diagnostics = train_vae(cloud, config)
             state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
             disk.set(key, {"dim": int(cloud.shape[1]), "state": state, "diagnostics": diagnostics}, retry=True)
