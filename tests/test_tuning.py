@@ -256,3 +256,18 @@ def test_deep_layers_draw_from_the_prior_fitted_at_their_own_layer(tiny_lm, tmp_
     norms = {k: float(v[0].norm(dim=-1).mean()) for k, v in snaps.items()}
     assert norms["deep.3"] != pytest.approx(norms["deep.1"], rel=1e-3)  # different clouds, different scales
     assert result.status == "done"
+
+
+def test_int8_base_model_trains_and_stays_identical(tiny_lm, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from core.models import load_model
+
+    tiny_lm.model.save_pretrained(tmp_path / "base")
+    tiny_lm.tokenizer.save_pretrained(tmp_path / "base")
+    lm = load_model(str(tmp_path / "base"), precision="int8", device="cpu")
+    assert type(lm.model.model.layers[0].mlp.up_proj).__name__ == "Linear8bitLt"
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    result = train(lm, _config(method="deep", steps=2, compute="bf16"), tmp_path / "int8", examples=DATA,
+                   init={k: v[:4] for k, v in _init("deep", lm).items()})
+    assert result.status == "done" and result.history[-1]["val_loss"] < result.history[0]["val_loss"]
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
