@@ -187,6 +187,7 @@ def test_mahalanobis_and_log_prob_match_explicit_formulas():
     diff = x - fit.mean
     m2 = torch.einsum("md,de,me->m", diff, torch.linalg.inv(fit.cov), diff)
     torch.testing.assert_close(fit.mahalanobis(x), m2.sqrt())
+    torch.testing.assert_close(fit.precision, torch.linalg.inv(fit.cov))
     mvn = torch.distributions.MultivariateNormal(fit.mean, fit.cov)
     torch.testing.assert_close(fit.log_prob(x), mvn.log_prob(x))
 

@@ -61,6 +61,11 @@ class FittedGaussian:
     def dim(self) -> int:
         return int(self.mean.shape[0])
 
+    @property
+    def precision(self) -> torch.Tensor:
+        """cov^-1 [d, d] float64, from the Cholesky factor (prefer `whiten`/`mahalanobis`, which never invert)."""
+        return torch.cholesky_inverse(self.chol)
+
     def describe(self) -> str:
         if self.covariance == "diagonal":
             cov = "diagonal covariance"
