@@ -213,11 +213,35 @@ def test_exclusion_lies_further_out_at_the_expected_rate():
     # Accepted points satisfy pdf < pdf_wide, i.e. Mahalanobis^2 > d log(c_dim) / (1 - 1/c_dim).
     cd = excl.c_dim
     assert float(m_exc.min()) ** 2 > 64 * math.log(cd) / (1 - 1 / cd) - 1e-6
+    z = excl.fit.whiten(x_exc) / math.sqrt(cd)  # the accepted standard-normal draws, [2000, 64]
+    assert float(z.mean(0).abs().max()) < 0.15  # directions uniform: no preferred side
+    cov = z.T @ z / len(z)
+    assert float((cov.diagonal() / cov.diagonal().mean() - 1).abs().max()) < 0.2  # isotropic
+    assert float((cov - torch.diag(cov.diagonal())).abs().max()) < 0.15 * float(cov.diagonal().mean())
     stats = excl.last_stats
     expected = expected_acceptance(5.0, 64)  # 11.3%
     sd = math.sqrt(expected * (1 - expected) / stats["candidates"])
     assert abs(stats["acceptance_rate"] - expected) < 4 * sd
     assert f"{expected:.2%}" in excl.describe()
+
+
+def test_exclusion_matches_the_papers_procedure_run_literally():
+    # The paper's procedure with full d-dim candidates and both densities evaluated, vectorised here;
+    # its accepted points must have the same Mahalanobis distribution as our sampler's.
+    from scipy.stats import ks_2samp
+
+    excl = make_prior("exclusion", reference=correlated_cloud(2000, 16), c=5.0)
+    fit, cd = excl.fit, excl.c_dim
+    wide = torch.distributions.MultivariateNormal(fit.mean, cd * fit.cov)
+    narrow = torch.distributions.MultivariateNormal(fit.mean, fit.cov)
+    torch.manual_seed(0)
+    cand = wide.sample((60000,))
+    p = (1 - (narrow.log_prob(cand) - wide.log_prob(cand)).exp()).clamp_min(0)
+    literal = cand[torch.rand(len(cand), dtype=torch.float64) < p]
+    ours = excl.sample(len(literal), gen(1))
+    assert len(literal) / len(cand) == pytest.approx(expected_acceptance(5.0, 16), abs=0.01)
+    assert ks_2samp(fit.mahalanobis(literal).numpy(), fit.mahalanobis(ours).numpy()).pvalue > 1e-3
+    assert ks_2samp(literal[:, 0].numpy(), ours[:, 0].numpy()).pvalue > 1e-3
 
 
 def test_exclusion_log_prob_is_normalised():
