@@ -54,6 +54,27 @@ def all_runs(roots: dict[str, Path] | None = None) -> list[RunEntry]:
     return out
 
 
+def runs_for_model(lm, roots: dict[str, Path] | None = None) -> tuple[list[RunEntry], list[RunEntry]]:  # noqa: ANN001
+    """(runs trained on the loaded model's weights, runs trained on other weights), from every root."""
+    mine, others = [], []
+    for entry in all_runs(roots):
+        fingerprint = runs_mod.read_run_json(entry.path).get("config", {}).get("model_fingerprint")
+        (mine if fingerprint == lm.fingerprint else others).append(entry)
+    return mine, others
+
+
+def prompt_tensors(run_paths: Iterable[str | Path]) -> list[str]:
+    """Names of the prompt tensors every given run holds ("soft" first, then "deep.{l}" by layer)."""
+    from safetensors import safe_open
+
+    common: set[str] | None = None
+    for path in run_paths:
+        with safe_open(str(Path(path) / runs_mod.SNAPSHOT_FILE), framework="pt") as fh:
+            names = set(fh.keys())
+        common = names if common is None else common & names
+    return sorted(common or [], key=lambda k: (k != "soft", int(k.split(".")[1]) if "." in k else -1))
+
+
 # --------------------------------------------------------------------------- per-run numbers
 
 
@@ -119,6 +140,7 @@ def runs_table(
     target_loss: float | str | None = "auto",
     tensor: str = "soft",
     progress: Callable[[float], None] | None = None,
+    stored: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per run: run, origin, method, dataset, prior, lr, seed, steps, initial and final val loss,
     best val loss, steps_to_loss (to `target_loss`; NaN when never reached; "auto": per method and dataset,
@@ -127,8 +149,13 @@ def runs_table(
     default: every run has one): collapse_score, collapse_score_cos, median_nearest_cos, median_manifold_ratio,
     median_mahalanobis, mean_drift_l2, mean_drift_cos, and the same divergence of the initial sample
     (init_manifold_ratio, init_mahalanobis). Divergence columns are NaN for runs trained on other weights
-    (column `same_model`)."""
+    (column `same_model`). `stored`: a table this function wrote before (the committed artifacts' runs.csv);
+    divergence columns of precomputed runs found in it are reused instead of recomputed."""
     entries = list(entries)
+    reuse = {}
+    if stored is not None and not stored.empty and "run" in stored and "collapse_score" in stored:
+        cols = [c for c in (*_DIV_COLUMNS, "init_manifold_ratio", "init_mahalanobis") if c in stored]
+        reuse = {r["run"]: {c: r[c] for c in cols} for _, r in stored.iterrows()}
     rows = []
     for i, entry in enumerate(entries):
         run = runs_mod.load_run(entry.path)
@@ -146,7 +173,8 @@ def runs_table(
         }
         row["target_loss"] = target_loss if isinstance(target_loss, int | float) else math.nan
         row["_history"] = run.history
-        row.update(_divergence_columns(lm, run, tensor))
+        cached = reuse.get(entry.info.name) if entry.origin == "precomputed" and tensor == "soft" else None
+        row.update(cached if cached is not None and row["same_model"] else _divergence_columns(lm, run, tensor))
         rows.append(row)
         if progress is not None:
             progress((i + 1) / len(entries))
@@ -472,3 +500,159 @@ def interpolation_positions(lm, run_paths: Iterable[str | Path]) -> pd.DataFrame
                                  "seed": run.config.get("seed"), "tensor": name, "layer": layer, "vector": i,
                                  "kind": kind, "position": float(pos)})
     return pd.DataFrame(rows, columns=["run", "prior", "seed", "tensor", "layer", "vector", "kind", "position"])
+
+
+# --------------------------------------------------------------------------- views for the pages
+
+
+@dataclass
+class DivergenceView:
+    """What the Divergence page draws, for one prompt tensor of several runs, on the reference's PCA axes.
+
+    cloud: x, y, text of a subsample of the reference cloud.
+    paths: run, step, vector, x, y, nearest (token text), nearest_cos for every snapshot of every vector.
+    per_vector: the final prompt's per-vector divergence table, with a run column.
+    by_step: run, step and the aggregate measures of every snapshot (`snapshot_divergence`).
+    summary: run -> final aggregate measures. x_label, y_label: PCA axis names. note: outliers and reference.
+    """
+
+    cloud: pd.DataFrame
+    paths: pd.DataFrame
+    per_vector: pd.DataFrame
+    by_step: pd.DataFrame
+    summary: dict
+    x_label: str
+    y_label: str
+    note: str
+    reference: str
+
+
+def divergence_view(
+    lm,  # noqa: ANN001
+    run_paths: Iterable[str | Path],
+    tensor: str = "soft",
+    max_points: int = 3000,
+    seed: int = 0,
+    with_mahalanobis: bool = True,
+) -> DivergenceView:
+    """Prior sample, path and trained prompt of each run over the reference cloud, with every measure.
+
+    The PCA is fitted on the reference cloud only (token embeddings for "soft", the first run's dataset
+    activations at layer l for "deep.{l}"), so every run and step sits on the same axes.
+    """
+    from core.analysis.projections import fit_pca, outlier_note, robust_mask, subsample_indices
+
+    loaded = [runs_mod.load_run(p) for p in run_paths]
+    if not loaded:
+        raise ValueError("choose at least one run")
+    for run in loaded:
+        if not same_model(run, lm):
+            raise ValueError(f"run {run.path.name} was trained on other weights ({run.config.get('model_fingerprint')})"
+                             f"; load that model to view it")
+        if tensor not in run.snapshots:
+            raise ValueError(f"run {run.path.name} has no snapshots of {tensor!r}; it has {', '.join(run.snapshots)}")
+    ref, gauss = prompt_reference(lm, tensor, loaded[0])
+    gauss = gauss if with_mahalanobis else None
+    proj = fit_pca(ref.vectors, seed=seed)
+    index = subsample_indices(len(ref), max_points, seed=seed)
+    xy = proj.transform(ref.vectors[index])
+    cloud = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1],
+                          "text": [repr(ref.texts[i]) for i in index] if ref.texts else index.astype(str)})
+    paths, per_vector, by_step, summary = [], [], [], {}
+    for run in loaded:
+        name = run.path.name
+        snaps = run.snapshots[tensor].float().numpy()  # [S, n, d]
+        s, n, d = snaps.shape
+        flat = snaps.reshape(s * n, d)
+        pxy = proj.transform(flat)
+        ids, cos = dv.nearest_by_cosine(flat, ref, top_k=1)
+        paths.append(pd.DataFrame({
+            "run": name, "step": np.repeat(run.snapshot_steps, n), "vector": np.tile(np.arange(n), s),
+            "x": pxy[:, 0], "y": pxy[:, 1],
+            "nearest": [repr(ref.texts[i]) if ref.texts else str(i) for i in ids[:, 0]], "nearest_cos": cos[:, 0]}))
+        report = dv.divergence(run.prompt[tensor], ref, init=snaps[0], gaussian=gauss)
+        per_vector.append(report.per_vector.assign(run=name))
+        summary[name] = report.summary
+        by_step.append(dv.snapshot_divergence(snaps, run.snapshot_steps, ref, gaussian=gauss).assign(run=name))
+    note = (f"PCA fitted on {ref.label}; {len(index):,} of {len(ref):,} reference points drawn. "
+            + outlier_note(robust_mask(xy), "reference points shown"))
+    return DivergenceView(cloud, pd.concat(paths, ignore_index=True), pd.concat(per_vector, ignore_index=True),
+                          pd.concat(by_step, ignore_index=True), summary, *proj.axis_labels()[:2], note,
+                          ref.label)
+
+
+@dataclass
+class InterpolationView:
+    """The Interpolation page: activations of C4, SQuAD and MATH at one layer with prompts over them.
+
+    points: group ("c4", "squad", "math", "interpolation prior sample", "<run> prior", "<run> trained"),
+    kind ("data", "prior sample", "prior", "trained"), x, y, text, position (on the MATH-C4 axis).
+    positions: run, kind ("prior"/"posterior"), vector, position: trained deep prompts at this layer and the
+    fresh interpolation-prior sample (run "interpolation prior sample", kind "prior").
+    """
+
+    points: pd.DataFrame
+    positions: pd.DataFrame
+    x_label: str
+    y_label: str
+    note: str
+
+
+def interpolation_view(
+    lm,  # noqa: ANN001
+    layer: int,
+    run_paths: Iterable[str | Path] = (),
+    n_docs: int = 64,
+    n_prior: int = 200,
+    max_points: int = 1500,
+    seed: int = 0,
+) -> InterpolationView:
+    """C4 / SQuAD / MATH activations at `layer` (first token and padding excluded) on PCA axes fitted on the
+    three together, with `n_prior` samples of the MATH-C4 interpolation prior at that layer and the prior
+    and trained tensors of runs that hold a prompt at this layer ("deep.{layer}", or "soft" for layer 0)."""
+    from core.activations import dataset_activations
+    from core.analysis.projections import fit_pca, outlier_note, robust_mask, subsample_indices
+    from core.priors import make_prior
+    from core.priors.fit import MAX_LENGTH
+
+    tensor = "soft" if layer == 0 else f"deep.{layer}"
+    clouds, texts = {}, {}
+    for d in ("c4", "squad", "math"):
+        # n_docs and MAX_LENGTH as the priors' fits use, so the activations cache is shared with them
+        acts = dataset_activations(lm, d, [layer], n=n_docs, seed=0, max_length=MAX_LENGTH)
+        clouds[d], texts[d] = acts.layer(layer), [repr(str(t)) for t in acts.token_texts]
+    proj = fit_pca(np.concatenate(list(clouds.values())), seed=seed)
+    axis = math_c4_axis(lm, layer, n_docs=n_docs)
+    frames = []
+    for d, cloud in clouds.items():
+        idx = subsample_indices(len(cloud), max_points, seed=seed)
+        frames.append(_points(proj, axis, cloud[idx], d, "data", [texts[d][i] for i in idx]))
+    prior = make_prior("interpolation", lm=lm, source_a="math", source_b="c4", layer=layer, n_docs=n_docs)
+    sample = prior.sample(n_prior, generator=torch.Generator().manual_seed(seed)).numpy()
+    frames.append(_points(proj, axis, sample, "interpolation prior sample", "prior sample"))
+    positions = [pd.DataFrame({"run": "interpolation prior sample", "kind": "prior", "vector": np.arange(n_prior),
+                               "position": axis_position(sample, axis)})]
+    for path in run_paths:
+        run = runs_mod.load_run(path)
+        if not same_model(run, lm) or tensor not in run.prompt:
+            continue
+        name = run.path.name
+        parts = [("trained", "posterior", run.prompt[tensor].numpy())]
+        if tensor in run.snapshots:
+            parts.insert(0, ("prior", "prior", run.snapshots[tensor][0].numpy()))
+        for kind, pos_kind, x in parts:
+            frames.append(_points(proj, axis, x, f"{name} {kind}", kind))
+            positions.append(pd.DataFrame({"run": name, "kind": pos_kind, "vector": np.arange(len(x)),
+                                           "position": axis_position(x, axis)}))
+    points = pd.concat(frames, ignore_index=True)
+    data_xy = points.loc[points["kind"] == "data", ["x", "y"]].to_numpy()
+    note = (f"PCA fitted on the three datasets' activations at layer {layer} ({n_docs} documents each, first token "
+            "and padding excluded). " + outlier_note(robust_mask(data_xy), "activation points shown"))
+    return InterpolationView(points, pd.concat(positions, ignore_index=True), *proj.axis_labels()[:2], note)
+
+
+def _points(proj, axis, x: np.ndarray, group: str, kind: str, text: list[str] | None = None) -> pd.DataFrame:  # noqa: ANN001
+    xy = proj.transform(x)
+    return pd.DataFrame({"group": group, "kind": kind, "x": xy[:, 0], "y": xy[:, 1],
+                         "text": text if text is not None else [f"vector {i}" for i in range(len(x))],
+                         "position": axis_position(x, axis)})

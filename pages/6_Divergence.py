@@ -1,0 +1,90 @@
+"""Divergence: where trained prompts go relative to the model's own embeddings (paper Figures 6-8, 10, 11)."""
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+import ui_state
+from core.analysis import runs_compare as rc
+
+NO_RUNS = ("No runs of this model yet. Train one on the *Train* page, or from a shell: "
+           "`python -m core train --dataset math --method soft --prior gaussian --steps 40`; "
+           "`python -m core precompute` builds the whole gallery of priors.")
+MEASURES = {"collapse_score": "collapse score (Euclidean)", "collapse_score_cos": "collapse score (angular)",
+            "median_nearest_cos": "median nearest-token cosine", "median_manifold_ratio": "distance to manifold (x)",
+            "median_mahalanobis": "median Mahalanobis", "median_norm_ratio": "norm / vocabulary norm",
+            "mean_drift_l2": "drift from init (L2)", "mean_drift_cos": "drift from init (1 - cos)"}
+
+
+@st.cache_data(show_spinner="Measuring divergence of every snapshot ...", max_entries=16)
+def divergence_view(fingerprint: str, paths: tuple[str, ...], tensor: str, mahalanobis: bool) -> rc.DivergenceView:
+    # fingerprint is the cache key of the model (weights and precision); the model itself comes from ui_state.
+    return rc.divergence_view(ui_state.current_model(), list(paths), tensor, with_mahalanobis=mahalanobis)
+
+
+st.title("Divergence")
+st.caption("Does a trained prompt collapse onto the token embeddings, or stay where its prior put it? "
+           "Prior sample, path through training and trained prompt on the reference cloud's PCA axes.")
+lm = ui_state.current_model()
+mine, others = rc.runs_for_model(lm)
+if others:
+    st.caption(f"{len(others)} run(s) trained on other weights are hidden: load their model to see them.")
+if not mine:
+    st.info(NO_RUNS)
+    st.stop()
+
+labels = {e.label: str(e.path) for e in mine}
+chosen = st.multiselect("Runs", list(labels), default=list(labels)[:2], key="div_runs",
+                        help="[yours] = runs under runs/; [precomputed] = the committed gallery under artifacts/runs.")
+if not chosen:
+    st.info("Choose at least one run.")
+    st.stop()
+paths = tuple(labels[c] for c in chosen)
+tensors = rc.prompt_tensors(paths)
+if not tensors:
+    st.info("The chosen runs share no prompt tensor (mix soft and deep runs with care): choose runs of one kind.")
+    st.stop()
+c1, c2 = st.columns(2)
+tensor = c1.selectbox("Prompt tensor", tensors, key="div_tensor",
+                      help="'soft' is compared with the token embeddings; 'deep.l' with the activations that "
+                           "decoder block l receives, on the run's own dataset.")
+mahalanobis = c2.toggle("Mahalanobis distance", value=True, key="div_maha",
+                        help="Under the Gaussian fitted to the reference (Ledoit-Wolf shrinkage), fitted once.")
+view = divergence_view(lm.fingerprint, paths, tensor, mahalanobis)
+
+steps = sorted(view.paths["step"].unique().tolist())
+step = st.select_slider("Training step", steps, value=steps[-1], key="div_step",
+                        help="Vectors at this step; lines trace each vector's path from the prior sample.")
+tips = ["run", "step", "vector", "nearest", alt.Tooltip("nearest_cos", format=".3f")]
+cloud = alt.Chart(view.cloud).mark_circle(size=8, color="#b8b8b8", opacity=0.35).encode(
+    x=alt.X("x", title=view.x_label), y=alt.Y("y", title=view.y_label), tooltip=[alt.Tooltip("text", title="token")])
+upto = view.paths[view.paths["step"] <= step]
+lines = alt.Chart(upto).mark_line(strokeWidth=1, opacity=0.5).encode(
+    x="x", y="y", color=alt.Color("run", title="run"), detail="vector", order="step", tooltip=tips)
+start = alt.Chart(view.paths[view.paths["step"] == steps[0]]).mark_point(shape="circle", size=45).encode(
+    x="x", y="y", color="run", tooltip=tips)
+now = alt.Chart(upto[upto["step"] == step]).mark_point(shape="diamond", size=90, filled=True).encode(
+    x="x", y="y", color="run", tooltip=tips)
+st.altair_chart((cloud + lines + start + now).properties(
+    title=f"{tensor}: prior sample (circles), path, and step {step} (diamonds) over {view.reference}", height=520,
+).interactive(), width="stretch")
+st.caption(view.note + " Grey: reference points (hover for the token).")
+
+st.subheader("Aggregate measures of the trained prompts")
+summary = pd.DataFrame(view.summary).T[list(MEASURES)].rename(columns=MEASURES)
+st.dataframe(summary.style.format("{:.3f}"), width="stretch")
+st.caption("Collapse (Euclidean): share of vectors closer to some reference point than that point's nearest "
+           "neighbour is; short vectors near the centre pass it too. Collapse (angular): the same with cosine, "
+           "blind to length. Distance to manifold: k-NN distance over the reference's own median k-NN distance.")
+
+measure = st.selectbox("Measure against training step", list(MEASURES), format_func=MEASURES.get, key="div_measure")
+by_step = view.by_step.rename(columns={measure: "value"})
+st.altair_chart(alt.Chart(by_step).mark_line(point=True).encode(
+    x=alt.X("step", title="training step"), y=alt.Y("value", title=MEASURES[measure]),
+    color=alt.Color("run", title="run"), tooltip=["run", "step", alt.Tooltip("value", format=".4f")],
+).properties(title=f"{MEASURES[measure]} through training", height=280), width="stretch")
+
+st.subheader("Per-vector read-out of the trained prompts")
+cols = ["run", "index", "nearest", "nearest_cos", "top_tokens", "norm_ratio", "manifold_ratio", "mahalanobis",
+        "collapsed", "collapsed_cos", "drift_l2", "drift_cos"]
+st.dataframe(view.per_vector[cols], width="stretch", hide_index=True)

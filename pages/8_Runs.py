@@ -1,0 +1,113 @@
+"""Runs: compare trained prompts across priors; check the paper's claims; prompt transfer across tasks."""
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+import ui_state
+from core.analysis import runs_compare as rc
+from core.artifacts import ArtifactStore
+
+NO_RUNS = ("No runs of this model yet. Train one on the *Train* page, or from a shell: "
+           "`python -m core train --dataset math --method soft --prior gaussian --steps 40`; "
+           "`python -m core precompute` builds the gallery of every prior with repeated seeds.")
+SHOWN = ["run", "origin", "method", "dataset", "prior", "lr", "seed", "steps_to_loss", "target_loss",
+         "final_val_loss", "metric", "metric_value", "metric_no_prompt", "collapse_score", "collapse_score_cos",
+         "median_manifold_ratio", "mean_drift_l2"]
+
+
+@st.cache_data(show_spinner="Reading runs and measuring their divergence ...", max_entries=16)
+def run_table(fingerprint: str, paths: tuple[tuple[str, str], ...], target: float | None) -> pd.DataFrame:
+    # fingerprint keys the cache by model; paths carry (origin, path); the stored table spares recomputing.
+    from core.runs import run_info
+
+    store = ArtifactStore()
+    stored = store.load_table("runs") if store.status(fingerprint)[0] else None
+    entries = [rc.RunEntry(run_info(p), origin) for origin, p in paths]
+    return rc.runs_table(ui_state.current_model(), entries, "auto" if target is None else target, stored=stored)
+
+
+st.title("Runs")
+st.caption("Does the prior change the final quality, or only where the prompt ends up? Do priors far from the data "
+           "take longer to reach the same loss? Does a prompt trained on one task help another?")
+lm = ui_state.current_model()
+mine, others = rc.runs_for_model(lm)
+if others:
+    st.caption(f"{len(others)} run(s) trained on other weights are hidden: load their model to compare them.")
+if not mine:
+    st.info(NO_RUNS)
+    st.stop()
+
+labels = {e.label: e for e in mine}
+chosen = st.multiselect("Runs", list(labels), default=list(labels), key="runs_chosen")
+if not chosen:
+    st.info("Choose at least one run.")
+    st.stop()
+auto = st.toggle("Target loss: per method and dataset, the loss every run reaches", value=True, key="runs_auto",
+                 help="Steps to loss counts the first validation step at or below the target.")
+target = None if auto else st.number_input("Target validation loss", min_value=0.0, value=1.0, step=0.05,
+                                           key="runs_target")
+table = run_table(lm.fingerprint, tuple((labels[c].origin, str(labels[c].path)) for c in chosen), target)
+st.dataframe(table[SHOWN], width="stretch", hide_index=True)
+st.caption("Collapse and drift describe each run's soft prompt against the token embeddings (see *Divergence*). "
+           "metric: the task metric on held-out examples with the prompt, beside the no-prompt baseline.")
+
+curves = rc.loss_curves([labels[c] for c in chosen])
+kind = st.radio("Loss curves", ["validation", "train"], horizontal=True, key="runs_kind")
+st.altair_chart(alt.Chart(curves[curves["kind"] == kind]).mark_line(point=kind == "validation").encode(
+    x=alt.X("step", title="training step"), y=alt.Y("loss", title=f"{kind} loss", scale=alt.Scale(zero=False)),
+    color=alt.Color("run", title="run"), tooltip=["run", "prior", "step", alt.Tooltip("loss", format=".4f")],
+).properties(title=f"{kind.capitalize()} loss of each run", height=320).interactive(), width="stretch")
+
+st.subheader("The paper's claims on this model")
+value = st.selectbox("Quality measure", ["final_val_loss", "best_val_loss", "metric_value"], key="runs_value")
+spread = rc.prior_spread(table, value)
+st.altair_chart(alt.Chart(table.dropna(subset=[value])).mark_point(filled=True, size=80).encode(
+    x=alt.X("prior", title="prior"), y=alt.Y(value, title=value.replace("_", " "), scale=alt.Scale(zero=False)),
+    color=alt.Color("dataset", title="dataset"), shape=alt.Shape("method", title="method"),
+    tooltip=["run", "prior", "seed", alt.Tooltip(value, format=".4f")],
+).properties(title=f"{value.replace('_', ' ')} per prior (one point per run)", height=300), width="stretch")
+st.dataframe(spread, width="stretch", hide_index=True)
+st.markdown("**Does the final quality differ across priors?** " + rc.prior_significance(table, value)["statement"])
+
+speed = rc.divergence_vs_speed(table)
+st.altair_chart(alt.Chart(table.dropna(subset=["init_manifold_ratio", "steps_to_loss"])).mark_point(
+    filled=True, size=80).encode(
+    x=alt.X("init_manifold_ratio", title="initial distance to the token manifold (x median k-NN)"),
+    y=alt.Y("steps_to_loss", title="steps to reach the target loss"), color=alt.Color("prior", title="prior"),
+    shape=alt.Shape("dataset", title="dataset"),
+    tooltip=["run", "prior", "seed", "steps_to_loss", alt.Tooltip("init_manifold_ratio", format=".2f")],
+).properties(title="Do diverged priors take longer to reach the same loss?", height=300), width="stretch")
+st.markdown("**Do diverged priors take longer?** " + speed["statement"])
+
+st.subheader("Prompt transfer across tasks")
+store = ArtifactStore()
+usable, note = store.status(lm.fingerprint)
+transfer = store.load_table("transfer") if usable else None
+if transfer is None:
+    st.session_state.setdefault("runs_transfer", None)
+    if st.button("Score the chosen runs' prompts on MATH and QA (a few minutes on a CPU)", key="runs_transfer_go"):
+        bar = st.progress(0.0, text="scoring prompts ...")
+        st.session_state["runs_transfer"] = rc.transfer_matrix(
+            lm, [labels[c].path for c in chosen], n=16, progress=lambda f: bar.progress(f, text="scoring prompts ..."))
+    transfer = st.session_state["runs_transfer"]
+if transfer is None:
+    st.info(f"No transfer table yet. {note} Or press the button above to score the chosen runs live.")
+    st.stop()
+st.altair_chart(alt.Chart(transfer).mark_rect().encode(
+    x=alt.X("evaluated_on:N", title="evaluated on"), y=alt.Y("run:N", title="prompt trained in run"),
+    color=alt.Color("gain:Q", title="loss gain vs no prompt", scale=alt.Scale(scheme="redblue", domainMid=0)),
+    tooltip=["run", "trained_on", "prior", "evaluated_on", alt.Tooltip("loss", format=".3f"),
+             alt.Tooltip("no_prompt_loss", format=".3f"), alt.Tooltip("gain", format=".3f")],
+).properties(title="Transfer matrix: validation-loss gain of each prompt on each task", height=28 * len(
+    transfer["run"].unique()) + 40), width="stretch")
+pairs, stats = rc.distance_vs_transfer(transfer, base=store.root)
+if len(pairs):
+    st.altair_chart(alt.Chart(pairs).mark_point(filled=True, size=70).encode(
+        x=alt.X("distance", title="Frobenius distance between the two soft prompts"),
+        y=alt.Y("transfer", title="share of the task's own prompt gain recovered"),
+        color=alt.Color("task", title="evaluated on"),
+        tooltip=["prompt_of", "evaluated_with_task_of", "task", alt.Tooltip("distance", format=".2f"),
+                 alt.Tooltip("transfer", format=".2f")],
+    ).properties(title="Prompt distance against transfer", height=300), width="stretch")
+st.markdown("**Do closer prompts transfer better?** " + stats["statement"])
