@@ -27,9 +27,9 @@ from core.activations import array_digest, cached_bytes
 # Robust range: median ± ROBUST_K · IQR per axis (Tukey's fences use 1.5; 3 keeps only clear outliers out).
 ROBUST_K = 3.0
 TSNE_MAX_POINTS = 5000  # hard cap: t-SNE is O(n log n) per iteration but slow on 2 CPU cores past this
-# OpenMP/BLAS threads for t-SNE. On a small shared CPU spinning threads made it ~7x slower
+# OpenMP/BLAS threads for PCA and t-SNE. On a small shared CPU spinning threads made t-SNE ~7x slower
 # (1,000 points: 68 s with default threads vs 9 s with one, load ~10 on 2 cores); raise it on a big machine.
-TSNE_THREADS = int(os.environ.get("PRIOR_LAB_TSNE_THREADS", "1"))
+ANALYSIS_THREADS = int(os.environ.get("PRIOR_LAB_ANALYSIS_THREADS", "1"))
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ def fit_pca(reference: np.ndarray, n_components: int = 2, seed: int = 0) -> Proj
     fits on more than 20,000 rows are cached on disk by content.
     """
     from sklearn.decomposition import PCA
+    from threadpoolctl import threadpool_limits
 
     ref = _check_cloud(reference, "reference", max(2, n_components))
     if n_components > min(ref.shape):
@@ -101,7 +102,8 @@ def fit_pca(reference: np.ndarray, n_components: int = 2, seed: int = 0) -> Proj
 
     def compute() -> bytes:
         solver = "randomized" if ref.shape[0] > 2000 else "full"
-        pca = PCA(n_components=n_components, svd_solver=solver, random_state=seed).fit(ref)
+        with threadpool_limits(ANALYSIS_THREADS):
+            pca = PCA(n_components=n_components, svd_solver=solver, random_state=seed).fit(ref)
         proj = Projection(
             mean=pca.mean_.astype(np.float32),
             components=pca.components_.astype(np.float32),
@@ -172,7 +174,7 @@ def tsne(
 
     def compute() -> bytes:
         reduced = sub
-        with threadpool_limits(TSNE_THREADS):
+        with threadpool_limits(ANALYSIS_THREADS):
             if sub.shape[1] > pca_dims and len(sub) > pca_dims:
                 reduced = PCA(n_components=pca_dims, random_state=seed).fit_transform(sub)
             coords = TSNE(
