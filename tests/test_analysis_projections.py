@@ -88,3 +88,46 @@ def test_robust_mask_counts_outliers():
     assert "All 5" in outlier_note(np.ones(5, dtype=bool))
     with pytest.raises(ValueError, match=r"must be \[m, k\]"):
         robust_mask(np.zeros(3))
+
+
+def test_project_groups_pca_view():
+    import pandas as pd
+
+    from core.analysis.projections import project_groups
+
+    ref = _cloud(n=200)
+    ref[:2] *= 1000  # two massive rows: left out of the fit, reported, outside the robust range
+    other = _cloud(n=50, seed=1) + 3
+    meta = {"ref": pd.DataFrame({"token": [f"t{i}" for i in range(200)]})}
+    view = project_groups({"ref": ref, "other": other}, meta, reference="ref", max_points=120, keep_groups=("other",))
+    f = view.frame
+    assert len(f) == 120 and (f["group"] == "other").sum() == 50  # kept group never subsampled
+    assert f.loc[f["group"] == "ref", "token"].notna().all() and f.loc[f["group"] == "other", "token"].isna().all()
+    assert "without 2 massive-activation rows" in view.note
+    assert view.x_label.startswith("PC1") and view.n_total == 250
+    with pytest.raises(ValueError, match="neither a group"):
+        project_groups({"ref": ref}, reference="nope")
+    with pytest.raises(ValueError, match="same width"):
+        project_groups({"a": ref, "b": np.zeros((3, 4))})
+    with pytest.raises(ValueError, match="has 3 rows but the group has 200"):
+        project_groups({"ref": ref}, {"ref": pd.DataFrame({"x": [1, 2, 3]})})
+    with pytest.raises(ValueError, match="method must be"):
+        project_groups({"ref": ref}, method="umap")
+
+
+def test_project_groups_tsne_view():
+    from core.analysis.projections import project_groups
+
+    groups = {"a": _cloud(n=80), "b": _cloud(n=5, seed=2)}
+    view = project_groups(groups, method="tsne", max_points=40, keep_groups=("b",))
+    assert len(view.frame) == 40 and (view.frame["group"] == "b").sum() == 5 and view.x_label == "t-SNE 1"
+
+
+def test_find_tokens(tiny_lm):
+    from core.analysis.projections import find_tokens, token_table
+
+    ids = find_tokens(tiny_lm, "cat")
+    texts = token_table(tiny_lm, ids)["token"].tolist()
+    assert len(ids) >= 2 and "'cat'" in texts and "' cat'" in texts
+    with pytest.raises(ValueError, match="type a word"):
+        find_tokens(tiny_lm, "  ")

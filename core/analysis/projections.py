@@ -26,6 +26,9 @@ from core.activations import array_digest, cached_bytes
 
 # Robust range: median ± ROBUST_K · IQR per axis (Tukey's fences use 1.5; 3 keeps only clear outliers out).
 ROBUST_K = 3.0
+# Rows with a norm above this multiple of the median are "massive activations" (LLaMA models give a
+# few tokens besides the first norms 50x the rest); a PCA fitted with them spends its first axis on them.
+MASSIVE_FACTOR = 5.0
 TSNE_MAX_POINTS = 5000  # hard cap: t-SNE is O(n log n) per iteration but slow on 2 CPU cores past this
 # OpenMP/BLAS threads for PCA and t-SNE. On a small shared CPU spinning threads made t-SNE ~7x slower
 # (1,000 points: 68 s with default threads vs 9 s with one, load ~10 on 2 cores); raise it on a big machine.
@@ -119,6 +122,12 @@ def fit_pca(reference: np.ndarray, n_components: int = 2, seed: int = 0) -> Proj
         return decode(compute())
     key = f"pca/{array_digest(ref)}/k={n_components}/seed={seed}"
     return cached_bytes(key, compute, decode, cache="projections")
+
+
+def massive_rows(x: np.ndarray, factor: float = MASSIVE_FACTOR) -> np.ndarray:
+    """bool [n]: rows of `x` [n, d] whose norm exceeds `factor` times the median norm."""
+    norms = np.linalg.norm(np.asarray(x, dtype=np.float32), axis=1)
+    return norms > factor * np.median(norms)
 
 
 def subsample_indices(n: int, max_points: int, seed: int = 0, keep: np.ndarray | None = None) -> np.ndarray:
@@ -276,13 +285,18 @@ def project_groups(
     group_col = np.concatenate([np.full(len(a), g, dtype=object) for g, a in zip(names, arrays, strict=True)])
     row_col = np.concatenate([np.arange(len(a)) for a in arrays])
     keep = np.flatnonzero(np.isin(group_col, list(keep_groups)))
+    fit_note = ""
     if method == "pca":
         if isinstance(reference, Projection):
             proj = reference
-        elif reference is None:
-            proj = fit_pca(data, seed=seed)
-        elif reference in groups:
-            proj = fit_pca(groups[reference], seed=seed)
+        elif reference is None or reference in groups:
+            ref = data if reference is None else np.asarray(groups[reference], dtype=np.float32)
+            massive = massive_rows(ref)
+            if massive.any() and (~massive).sum() >= 3:
+                ref = ref[~massive]
+                fit_note = (f" PCA fitted without {int(massive.sum())} massive-activation rows "
+                            f"(norm > {MASSIVE_FACTOR:g}x the median), which would take the first axis.")
+            proj = fit_pca(ref, seed=seed)
         else:
             raise ValueError(f"reference {reference!r} is neither a group ({names}) nor a Projection")
         index = subsample_indices(len(data), max_points, seed=seed, keep=keep)
@@ -305,7 +319,7 @@ def project_groups(
                 part = part.join(extra, on="row")
             parts.append(part)
         frame = pd.concat(parts, ignore_index=True)
-    return View(frame, x_label, y_label, outlier_note(frame["inside"].to_numpy()), len(data), method)
+    return View(frame, x_label, y_label, outlier_note(frame["inside"].to_numpy()) + fit_note, len(data), method)
 
 
 def token_table(lm, ids: np.ndarray) -> pd.DataFrame:  # noqa: ANN001 - a LoadedModel
