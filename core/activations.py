@@ -502,12 +502,19 @@ def cache_key(kind: str, lm: LoadedModel, **parts) -> str:
     return f"{kind}/v{FORMAT_VERSION}/{lm.fingerprint}/{items}"
 
 
-def _cache(name: str = "activations"):
+def _cache(name: str = "activations", **settings):
+    """The bounded disk cache `name`; a damaged index database is moved aside and started afresh."""
+    import sqlite3
+
     import diskcache
 
-    return diskcache.Cache(
-        str(cache_subdir(name)), size_limit=CACHE_SIZE_LIMIT, eviction_policy="least-recently-used"
-    )
+    folder = cache_subdir(name)
+    settings = {"size_limit": CACHE_SIZE_LIMIT, "eviction_policy": "least-recently-used", **settings}
+    try:
+        return diskcache.Cache(str(folder), **settings)
+    except sqlite3.DatabaseError:
+        folder.rename(folder.with_name(f"{folder.name}.damaged-{os.getpid()}"))
+        return diskcache.Cache(str(cache_subdir(name)), **settings)
 
 
 def cached_bytes(

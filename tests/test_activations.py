@@ -177,6 +177,28 @@ def test_corrupt_entry_is_recomputed(tiny_lm, tmp_cache):
     assert len(calls) == 2  # the repaired entry is used again
 
 
+def test_damaged_value_file_is_recomputed(tiny_lm, tmp_cache, monkeypatch):
+    root, calls = tmp_cache
+    real = act._cache
+    monkeypatch.setattr(act, "_cache", lambda name="activations": real(name, disk_min_file_size=0))  # values as files
+    first = dataset_activations(tiny_lm, "c4", [2], n=2)
+    files = list((root / "activations").rglob("*.val"))
+    assert files
+    for path in files:
+        path.write_bytes(path.read_bytes()[:50])
+    again = dataset_activations(tiny_lm, "c4", [2], n=2)
+    assert len(calls) == 2
+    np.testing.assert_array_equal(first.layer(2), again.layer(2))
+
+
+def test_damaged_index_database_starts_afresh(tiny_lm, tmp_cache):
+    root, calls = tmp_cache
+    dataset_activations(tiny_lm, "c4", [1], n=2)
+    (root / "activations" / "cache.db").write_bytes(b"this is not sqlite" * 100)
+    dataset_activations(tiny_lm, "c4", [1], n=2)
+    assert len(calls) == 2 and list(root.glob("activations.damaged-*"))
+
+
 def test_cache_is_bounded(tiny_lm, tmp_cache):
     with act._cache() as cache:
         assert cache.size_limit == act.CACHE_SIZE_LIMIT
