@@ -1,6 +1,6 @@
 """Our soft-prompt training step against PEFT prompt tuning, on the same real MATH and QA examples.
 
-    .venv/bin/python bench/bench_tuning.py [--rounds 3] [--threads 1] [--batch-size 8] [--n 32]
+    .venv/bin/python bench/bench_tuning.py [--rounds 2] [--threads 1] [--batch-size 8] [--n 16] [--compile]
 
 Both train 20 virtual tokens on the embedded SmolLM2-135M (loaded in fp32) with
 bf16 compute and the same thread count:
@@ -41,20 +41,21 @@ def vm_hwm_mb() -> float:
     return float("nan")
 
 
-def load_sets(lm, n: int) -> dict[str, list]:
+def load_sets(lm, n: int, qa_max: int) -> dict[str, list]:
     from core.data import fit_to_length, load_examples
 
     math_ex = load_examples("math", split="train", n=n, seed=1)
-    qa_ex = [fit_to_length(ex, lm.tokenizer, 318) for ex in load_examples("squad", split="train", n=n, seed=1)]
+    # QuAC passages run 350-1900 tokens; passages past qa_max are cut around the answer (core.data.fit_to_length)
+    qa_ex = [fit_to_length(ex, lm.tokenizer, qa_max - 2) for ex in load_examples("squad", split="train", n=n, seed=1)]
     return {"math": math_ex, "qa": qa_ex}
 
 
 class Ours:
-    def __init__(self, lm, examples: list, batch_size: int) -> None:
+    def __init__(self, lm, examples: list, batch_size: int, compiled: bool = False) -> None:
         from core.tuning import build_prompt, compute_model, encode_examples
 
-        self.model, self.amp = compute_model(lm, "bf16")
-        self.items = encode_examples(lm.tokenizer, examples)
+        self.model, self.amp = compute_model(lm, "bf16", compiled=compiled)
+        self.items = encode_examples(lm.tokenizer, examples, max_length=4096)
         self.pad, self.bs = lm.tokenizer.pad_token_id, batch_size
         self.prompt = build_prompt("soft", lm.hidden_size, lm.num_layers, n_tokens=N_VIRTUAL)
         torch.nn.init.normal_(self.prompt.soft, std=0.5)
@@ -87,7 +88,7 @@ class Peft:
         config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL,
                                     prompt_tuning_init=PromptTuningInit.RANDOM)
         self.model = get_peft_model(lm.model, config)
-        self.items = encode_examples(lm.tokenizer, examples)  # the same token ids as ours
+        self.items = encode_examples(lm.tokenizer, examples, max_length=4096)  # the same token ids as ours
         self.pad, self.bs = lm.tokenizer.pad_token_id, batch_size
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=3e-3,
                                      weight_decay=0.0)
@@ -134,26 +135,34 @@ def bf16_rate(reps: int = 5) -> float:
     return 2 * 2048**3 / best
 
 
+def make_runner(method: str, lm, examples: list, batch_size: int) -> Ours | Peft:
+    if method == "peft":
+        return Peft(lm, examples, batch_size)
+    return Ours(lm, examples, batch_size, compiled=method == "ours_compiled")
+
+
 def child(method: str, args: argparse.Namespace) -> None:
     """Fresh process: load, run every set once (twice for warm-up), print the RSS high-water mark."""
     from core.models import load_model
 
     torch.set_num_threads(args.threads)
     lm = load_model(device="cpu")
-    sets = load_sets(lm, args.n)
+    sets = load_sets(lm, args.n, args.qa_max_tokens)
     base = vm_hwm_mb()
     for examples in sets.values():
-        (Ours if method == "ours" else Peft)(lm, examples, args.batch_size).one_pass()
+        make_runner(method, lm, examples, args.batch_size).one_pass()
     print(json.dumps({"method": method, "loaded_mb": base, "peak_mb": vm_hwm_mb()}))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="measured rounds after one warm-up")
+    parser.add_argument("--rounds", type=int, default=2, help="measured rounds after one warm-up")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--n", type=int, default=32, help="examples per dataset")
-    parser.add_argument("--child", choices=["ours", "peft"], help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, default=16, help="examples per dataset")
+    parser.add_argument("--qa-max-tokens", type=int, default=640, help="QA examples longer than this are cut")
+    parser.add_argument("--compile", action="store_true", help="also measure ours with torch.compile'd layers")
+    parser.add_argument("--child", choices=["ours", "peft", "ours_compiled"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args)
@@ -162,37 +171,38 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     lm = load_model(device="cpu")
-    sets = load_sets(lm, args.n)
+    sets = load_sets(lm, args.n, args.qa_max_tokens)
     params = {id(p): p for p in lm.model.parameters()}
     n_nonembed = sum(p.numel() for p in params.values()) - lm.model.get_input_embeddings().weight.numel()
     d, vocab = lm.hidden_size, lm.model.config.vocab_size
     print(f"threads {args.threads}, batch {args.batch_size}, {args.n} examples per set, non-embedding params "
           f"{n_nonembed / 1e6:.1f} M")
+    methods = ["peft", "ours"] + (["ours_compiled"] if args.compile else [])
     runners = {}
     for name, examples in sets.items():
         lengths = sorted(len(x) for x in (lm.tokenizer(e.prompt + e.target).input_ids for e in examples))
         print(f"{name}: lengths min {lengths[0]} median {lengths[len(lengths) // 2]} max {lengths[-1]}")
-        runners[name] = {"peft": Peft(lm, examples, args.batch_size), "ours": Ours(lm, examples, args.batch_size)}
-    totals = {(s, m): [0, 0.0, 0] for s in sets for m in ("peft", "ours")}
-    flops = 0.0
+        runners[name] = {m: make_runner(m, lm, examples, args.batch_size) for m in methods}
+    totals = {(s, m): [0, 0.0, 0] for s in sets for m in methods}
+    flops = {m: 0.0 for m in methods}
     for rnd in range(args.rounds + 1):
         for name in sets:
-            for method in ("peft", "ours"):
+            for method in methods:
                 start = time.perf_counter()
                 tokens, answers, rows = runners[name][method].one_pass()
                 elapsed = time.perf_counter() - start
-                print(f"round {rnd} {name:4s} {method:4s} {tokens / elapsed:7.1f} tokens/s ({elapsed:.1f} s)",
+                print(f"round {rnd} {name:4s} {method:13s} {tokens / elapsed:7.1f} tokens/s ({elapsed:.1f} s)",
                       flush=True)
                 if rnd > 0:
                     t = totals[(name, method)]
                     t[0], t[1], t[2] = t[0] + tokens, t[1] + elapsed, t[2] + 1
-                    if method == "ours":
-                        flops += 4 * n_nonembed * (tokens + N_VIRTUAL * rows) + 4 * d * vocab * answers
+                    flops[method] += 4 * n_nonembed * (tokens + N_VIRTUAL * rows) + 4 * d * vocab * answers
     rate = bf16_rate()
     mem = {}
-    for method in ("peft", "ours"):
+    for method in methods:
         out = subprocess.run([sys.executable, __file__, "--child", method, "--threads", str(args.threads),
-                              "--batch-size", str(args.batch_size), "--n", str(args.n)], capture_output=True,
+                              "--batch-size", str(args.batch_size), "--n", str(args.n), "--qa-max-tokens",
+                              str(args.qa_max_tokens)], capture_output=True,
                              text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         line = [x for x in out.stdout.splitlines() if x.startswith("{")]
         if not line:
@@ -200,18 +210,22 @@ def main() -> int:
             raise SystemExit(f"memory child for {method} failed")
         mem[method] = json.loads(line[-1])
         print(f"memory {method}: loaded {mem[method]['loaded_mb']:.0f} MB, peak {mem[method]['peak_mb']:.0f} MB")
-    ours_time = sum(totals[(s, "ours")][1] for s in sets)
-    achieved = flops / ours_time
-    print(f"bf16 2048^3 matmul: {rate / 1e9:.1f} GFLOP/s; our useful rate {achieved / 1e9:.1f} GFLOP/s")
-    for name in sets:
-        ours = totals[(name, "ours")][0] / totals[(name, "ours")][1]
-        theirs = totals[(name, "peft")][0] / totals[(name, "peft")][1]
-        print(f"RESULT tokens_per_s_{name}_vs_peft ratio={ours / theirs:.3f} ours={ours:.1f} theirs={theirs:.1f} "
-              f"unit=tokens/s")
-    print(f"RESULT peak_rss_vs_peft ratio={mem['peft']['peak_mb'] / mem['ours']['peak_mb']:.3f} "
-          f"ours={mem['ours']['peak_mb']:.0f} theirs={mem['peft']['peak_mb']:.0f} unit=MB")
-    print(f"RESULT bf16_matmul_ceiling ratio={achieved / rate:.3f} ours={achieved / 1e9:.1f} "
-          f"theirs={rate / 1e9:.1f} unit=GFLOP/s")
+    achieved = {m: flops[m] / sum(totals[(s, m)][1] for s in sets) for m in methods}
+    print(f"bf16 2048^3 matmul: {rate / 1e9:.1f} GFLOP/s; useful rate "
+          + ", ".join(f"{m} {achieved[m] / 1e9:.1f} GFLOP/s" for m in methods))
+    results = []
+    for ours_name in methods[1:]:
+        tag = "" if ours_name == "ours" else "_compiled"
+        for name in sets:
+            ours = totals[(name, ours_name)][0] / totals[(name, ours_name)][1]
+            theirs = totals[(name, "peft")][0] / totals[(name, "peft")][1]
+            results.append(f"RESULT tokens_per_s_{name}{tag}_vs_peft ratio={ours / theirs:.3f} ours={ours:.1f} "
+                           f"theirs={theirs:.1f} unit=tokens/s")
+        results.append(f"RESULT peak_rss{tag}_vs_peft ratio={mem['peft']['peak_mb'] / mem[ours_name]['peak_mb']:.3f} "
+                       f"ours={mem[ours_name]['peak_mb']:.0f} theirs={mem['peft']['peak_mb']:.0f} unit=MB")
+        results.append(f"RESULT bf16_matmul_ceiling{tag} ratio={achieved[ours_name] / rate:.3f} "
+                       f"ours={achieved[ours_name] / 1e9:.1f} theirs={rate / 1e9:.1f} unit=GFLOP/s")
+    print("\n".join(results))
     return 0
 
 

@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=d.max_length)
     parser.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decoder layers for training (bf16 on an fp32 model; ~1 min to compile)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_steps=args.warmup_steps,
         max_grad_norm=args.max_grad_norm, seed=args.seed, compute=args.compute, n_train=args.n_train,
         n_val=args.n_val, val_every=args.val_every, snapshot_every=args.snapshot_every, eval_n=args.eval_n,
-        max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens, max_length=args.max_length, compile=args.compile,
     )
     if args.resume and not args.out:
         raise SystemExit("--resume needs --out DIR, the run folder to continue")

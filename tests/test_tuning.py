@@ -271,3 +271,17 @@ def test_int8_base_model_trains_and_stays_identical(tiny_lm, tmp_path):
                    init={k: v[:4] for k, v in _init("deep", lm).items()})
     assert result.status == "done" and result.history[-1]["val_loss"] < result.history[0]["val_loss"]
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+
+
+@pytest.mark.integration  # not the real model, but compiling takes about a minute on 2 shared cores
+def test_compiled_training_matches_eager(tiny_lm, tmp_path):
+    init = {k: v[:4] for k, v in _init("deep", tiny_lm).items()}
+    runs = [train(tiny_lm, _config(method="deep", steps=2, compute="bf16", compile=flag), tmp_path / str(flag),
+                  init=init, examples=DATA) for flag in (False, True)]
+    eager, compiled = ([h["train_loss"] for h in r.history[1:]] for r in runs)
+    assert compiled == pytest.approx(eager, rel=2e-2)  # bf16 kernels differ in rounding only
+
+
+def test_compile_needs_bf16():
+    with pytest.raises(ValueError, match="compile needs compute 'bf16'"):
+        TrainConfig(compile=True, compute="fp32")

@@ -27,10 +27,34 @@ def bf16_shadow(model: nn.Module) -> nn.Module:
     return shadow
 
 
-def compute_model(lm, compute: str = "bf16") -> tuple[nn.Module, torch.dtype | None]:
-    """(module to run, autocast dtype or None) for a LoadedModel and a compute dtype name."""
+def _compiled_shadow(model: nn.Module) -> nn.Module:
+    """A second bf16 shadow whose decoder layers' `forward` is compiled (dynamic shapes: one graph for all lengths).
+
+    Only `forward` is compiled, not the module call, so deep-prompt hooks still run eagerly around it and can
+    change the sequence length; a separate copy keeps generation (KV cache) and no-grad passes off the compiled path.
+    """
+    shadow = bf16_shadow(model)
+    for layer in shadow.model.layers:
+        layer.forward = torch.compile(layer.forward, dynamic=True)
+    return shadow
+
+
+def compute_model(lm, compute: str = "bf16", compiled: bool = False) -> tuple[nn.Module, torch.dtype | None]:
+    """(module to run, autocast dtype or None) for a LoadedModel and a compute dtype name.
+
+    compiled: a bf16 shadow with torch.compile'd decoder layers, for training steps (bf16 compute on an fp32
+    model only; the first step pays the compilation, about a minute for SmolLM2 on 2 CPU cores).
+    """
     if compute not in COMPUTE_DTYPES:
         raise ValueError(f"compute must be one of {', '.join(COMPUTE_DTYPES)}; got {compute!r}")
+    if compiled:
+        if compute != "bf16" or lm.precision != "fp32":
+            raise ValueError(f"compile works with compute 'bf16' on an fp32 model (a compiled bf16 copy); got compute "
+                             f"{compute!r} on a {lm.precision} model: drop --compile or load the model in fp32")
+        with _LOCK:
+            if "bf16_shadow_compiled" not in lm.extra:
+                lm.extra["bf16_shadow_compiled"] = _compiled_shadow(lm.model)
+        return lm.extra["bf16_shadow_compiled"], None
     if compute == "fp32":
         if lm.precision == "bf16":
             raise ValueError("compute 'fp32' needs an fp32 or int8 model; this one is bf16: use compute 'bf16'")

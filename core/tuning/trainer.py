@@ -57,6 +57,7 @@ class TrainConfig:
     max_new_tokens: int = 0  # 0: 12 for math, 40 for squad
     max_length: int = 320  # tokens of prompt+answer; longer prompts are cut from the start
     bucket: int = 8  # batches per length-sorting chunk (less padding)
+    compile: bool = False  # torch.compile the decoder layers for training steps (pays off from ~100 steps)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -74,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number; got {self.lr!r}")
         if self.layers and self.method != "deep":
             raise ValueError("layers only apply to --method deep; drop --layers or use the deep method")
+        if self.compile and (self.compute != "bf16"):
+            raise ValueError("compile needs compute 'bf16' (it compiles the bf16 copy of the weights)")
         if self.warmup_steps < 0:
             self.warmup_steps = max(1, self.steps // 10)
         if self.max_new_tokens <= 0:
@@ -197,7 +200,8 @@ class _Trainer:
     def __init__(self, lm, config: TrainConfig, out_dir: Path, examples: tuple | None, init: torch.Tensor | None,
                  resume: bool) -> None:
         self.lm, self.config, self.out_dir = lm, config, Path(out_dir)
-        self.model, self.autocast = compute_model(lm, config.compute)
+        self.model, self.autocast = compute_model(lm, config.compute)  # validation (no grad)
+        self.train_model = compute_model(lm, config.compute, compiled=True)[0] if config.compile else self.model
         self.device = lm.device
         train_ex, val_ex, self.eval_examples = _load_data(config, lm, examples)
         tok = lm.tokenizer
@@ -255,7 +259,7 @@ class _Trainer:
         n_answer = sum(b.n_answer for b in batches)
         total = 0.0
         for batch in batches:
-            loss = answer_loss(self.model, self.prompt, batch, self.autocast) / n_answer
+            loss = answer_loss(self.train_model, self.prompt, batch, self.autocast) / n_answer
             if not torch.isfinite(loss):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLoss(f"non-finite training loss ({float(loss.detach())}) at step {self.step + 1}")
