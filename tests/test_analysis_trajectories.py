@@ -96,3 +96,15 @@ def test_news_sentences_on_the_embedded_model(real_lm):
     res = trajectory_test(real_lm, texts, layer=0)
     assert res.n_real >= 50 and 0.0 <= res.p_value <= 1.0
     assert 0.5 < res.real_mean_step < 50 and 0.5 < res.random_mean_step < 50
+
+
+def test_reference_cloud(tiny_lm, tmp_path, monkeypatch):
+    import core.activations as act
+    from core.analysis.trajectories import reference_cloud
+
+    monkeypatch.setattr(act, "cache_subdir", lambda name: (tmp_path / name).mkdir(exist_ok=True) or tmp_path / name)
+    name, cloud, meta = reference_cloud(tiny_lm, 0)
+    assert name == "vocabulary" and cloud.shape == (tiny_lm.model.config.vocab_size, tiny_lm.hidden_size)
+    assert len(meta) == len(cloud) and {"token", "token_id"} <= set(meta.columns)
+    name, cloud, meta = reference_cloud(tiny_lm, 2, n_texts=4, max_length=16)
+    assert name == "news tokens, layer 2" and len(cloud) == len(meta) and (meta["position"] > 0).all()

@@ -18,6 +18,9 @@ def test_embedding_space_page():
     at.run()
     assert not at.exception
     assert any("Mean step" in m.label for m in at.metric)
+    at.slider(key="emb_layer").set_value(30).run()  # the path over last-layer activations of news texts
+    assert not at.exception
+    assert any("Layer 30" in str(c.proto.spec) for c in at.get("vega_lite_chart"))
     at.text_input(key="emb_sentence").input("Hi").run()  # one token: no path, a clear message
     assert not at.exception
     assert any("type a longer sentence" in i.value for i in at.info)

@@ -239,6 +239,25 @@ def trajectory_test(
     return compare_steps(layer, real, rand, unit="sequence", baseline=baseline)
 
 
+def reference_cloud(
+    lm: LoadedModel, layer: int = 0, n_texts: int = 32, max_length: int = 64, seed: int = 0
+) -> tuple[str, np.ndarray, pd.DataFrame]:
+    """The cloud a path is drawn over: (name, points [n, d], hover metadata with token and token_id).
+
+    Layer 0: the whole vocabulary's input embeddings. Layer k >= 1: the layer-k activations of
+    `n_texts` news texts (C4 role), first tokens left out (cached by `dataset_activations`).
+    """
+    from core.activations import dataset_activations
+    from core.analysis.projections import token_table
+
+    (layer,) = check_layers(lm, [layer])
+    if layer == 0:
+        emb = lm.input_embeddings().numpy()
+        return "vocabulary", emb, token_table(lm, np.arange(len(emb)))
+    acts = dataset_activations(lm, "c4", [layer], n=n_texts, seed=seed, max_length=max_length)
+    return f"news tokens, layer {layer}", acts.layer(layer), acts.rows_frame()
+
+
 def step_histogram(test_steps: np.ndarray, walk_steps: np.ndarray, bins: int = 30) -> pd.DataFrame:
     """Share of steps per length bin for a sentence [T-1] and its walks [n, T-1] (for one chart).
 
