@@ -285,3 +285,16 @@ def test_compiled_training_matches_eager(tiny_lm, tmp_path):
 def test_compile_needs_bf16():
     with pytest.raises(ValueError, match="compile needs compute 'bf16'"):
         TrainConfig(compile=True, compute="fp32")
+
+
+def test_resume_a_run_drawn_from_a_named_prior(tiny_lm, tmp_path):
+    config = _config(steps=4, prior="gaussian", prior_params={"sigma": 0.1})
+    straight = train(tiny_lm, config, tmp_path / "a", examples=DATA)
+    cancel = threading.Event()
+    train(tiny_lm, _config(steps=4, prior="gaussian", prior_params={"sigma": 0.1}), tmp_path / "b", examples=DATA,
+          cancel=cancel, on_progress=lambda p: cancel.set() if p.step == 2 else None)
+    resumed = train(tiny_lm, _config(steps=4, prior="gaussian", prior_params={"sigma": 0.1}), tmp_path / "b",
+                    examples=DATA, resume=True)
+    assert torch.equal(straight.prompt["soft"], resumed.prompt["soft"])
+    saved = json.loads((tmp_path / "b" / "run.json").read_text())["config"]
+    assert saved["prior"] == "gaussian" and saved["prior_params"]["name"] == "gaussian"

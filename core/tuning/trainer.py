@@ -294,7 +294,7 @@ class _Trainer:
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "rng": torch.get_rng_state(), "prompt": self.prompt.tensors(), "history": self.history,
                  "snapshot_steps": self.snapshot_steps, "snapshots": self.snapshots, "elapsed": self.elapsed,
-                 "tokens": self.tokens, "prior_info": self.prior_info}
+                 "tokens": self.tokens, "prior_info": self.prior_info, "train_config": self.config.to_dict()}
         runs._atomic_write(out / runs.CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
         previous = runs.read_run_json(out) if runs.is_run(out) else {}
         runs.write_json(out / runs.RUN_JSON, {
@@ -308,9 +308,10 @@ class _Trainer:
 
     def _restore(self) -> None:
         state = torch.load(self.out_dir / runs.CHECKPOINT_FILE, weights_only=False)
-        saved = runs.read_run_json(self.out_dir)["config"]
-        mine = self.run_config()
-        keys = [k for k in TrainConfig.__dataclass_fields__ if k != "eval_n"] + ["model_fingerprint"]
+        saved = {**state["train_config"],
+                 "model_fingerprint": runs.read_run_json(self.out_dir)["config"].get("model_fingerprint")}
+        mine = {**self.config.to_dict(), "model_fingerprint": self.lm.fingerprint}
+        keys = [k for k in mine if k != "eval_n"]  # the number of eval examples does not change the prompt
         diff = {k: (saved.get(k), mine.get(k)) for k in keys if saved.get(k) != mine.get(k)}
         if diff:
             raise ValueError(f"cannot resume {self.out_dir}: its config differs in {diff} (saved, asked); "
