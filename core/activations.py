@@ -104,7 +104,10 @@ class Activations:
     def layer(self, i: int) -> np.ndarray:
         """Activations at layer `i` as float32 [n_rows, d]."""
         if i not in self._hidden:
-            raise ValueError(f"layer {i} was not collected; these activations hold layers {list(self.layers)}")
+            raise ValueError(
+                f"layer {i} ({hook_name(i)}) was not collected; these activations hold layers {list(self.layers)}: "
+                "collect it by passing it in `layers`"
+            )
         return self._hidden[i][self._keep].astype(np.float32)
 
     @property
