@@ -30,13 +30,17 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.distributions import MultivariateNormal
 
-from core.models import load_model
-from core.priors import expected_acceptance, make_prior
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from core.models import load_model  # noqa: E402
+from core.priors import expected_acceptance, make_prior  # noqa: E402
 
 
 def reference_fit(cloud: torch.Tensor, c: float) -> tuple[MultivariateNormal, MultivariateNormal]:
