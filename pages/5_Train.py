@@ -77,6 +77,9 @@ def job_panel() -> None:
         st.warning(str(exc))
         return
     snap = job.snapshot()
+    if job.finished and st.session_state.get("train_job_listed") != job_id:
+        st.session_state["train_job_listed"] = job_id
+        st.rerun()  # once, the whole page: the run list below now holds the finished run
     st.progress(snap["step"] / max(snap["total"], 1),
                 text=f"{snap['state']}: step {snap['step']} of {snap['total']}, "
                      f"{snap['tokens_per_s']:.0f} tokens/s, {snap['wall']:.0f} s")
