@@ -298,3 +298,17 @@ def test_resume_a_run_drawn_from_a_named_prior(tiny_lm, tmp_path):
     assert torch.equal(straight.prompt["soft"], resumed.prompt["soft"])
     saved = json.loads((tmp_path / "b" / "run.json").read_text())["config"]
     assert saved["prior"] == "gaussian" and saved["prior_params"]["name"] == "gaussian"
+
+
+def test_bf16_base_model_trains(tiny_lm, tmp_path):
+    import copy
+    import dataclasses
+
+    lm = dataclasses.replace(tiny_lm, model=copy.deepcopy(tiny_lm.model).to(torch.bfloat16), precision="bf16",
+                             fingerprint=tiny_lm.fingerprint.replace(":fp32", ":bf16"), extra={})
+    result = train(lm, _config(steps=2, compute="bf16"), tmp_path / "bf16", examples=DATA,
+                   init={"soft": _init("soft", lm)["soft"][:4]})
+    assert result.status == "done" and "bf16_shadow" not in lm.extra  # a bf16 model is used as it is
+    assert result.prompt["soft"].dtype == torch.float32  # the trained prompt stays an fp32 master copy
+    with pytest.raises(ValueError, match="compute 'fp32' needs an fp32 or int8 model"):
+        train(lm, _config(steps=1, compute="fp32"), tmp_path / "bad", examples=DATA)
