@@ -98,39 +98,22 @@ def gallery_specs(budget: Budget) -> list[dict]:
     return specs
 
 
-def soft_prior_params(prior: str) -> dict:
-    """Token-level options of each prior: fitted to the vocabulary, or to datasets' layer-0 rows.
+def gallery_prior_params(method: str, prior: str) -> dict:
+    """Options of each gallery prior.
 
-    A soft prompt lives among the input embeddings, so data-fitted priors use
-    layer 0 (the embeddings of the tokens the dataset actually uses), as the
-    paper's section 4.4 plots token-level prompts against dataset token clouds.
+    Data-fitted priors name their datasets and no layer, so the trainer draws each
+    tensor at its own input: the soft prompt at layer 0 (the embeddings of the
+    tokens the datasets use, as the paper's section 4.4 plots token-level prompts),
+    each deep layer's vectors at that layer. The soft `fitted` prior is fitted to
+    the whole vocabulary (section 4.2); the deep one to MATH activations.
     """
-    return {
-        "interpolation": {"source_a": "math", "source_b": "c4", "layer": 0},
-        "vae": {"source": "squad", "layer": 0},
-    }.get(prior, {})
-
-
-def deep_init(lm: LoadedModel, prior: str, layers: list[int], n: int, seed: int, dataset: str) -> dict | None:
-    """Per-layer initial tensors for deep prompts: each layer's vectors from a prior fitted at that layer.
-
-    The deep vectors of decoder block b are prepended to its input, which is
-    activation index b; a data-fitted prior for them is fitted there. Gaussian
-    and xavier do not depend on the layer and are left to the trainer.
-    """
-    if prior not in ("fitted", "interpolation", "exclusion", "vae", "knn_low_density"):
-        return None
-    import torch
-
-    from core.priors import make_prior
-
-    gen = torch.Generator().manual_seed(seed)
-    out = {"soft": make_prior(prior, lm=lm, **soft_prior_params(prior)).sample(n, generator=gen)}
-    for b in layers:
-        params = ({"source_a": "math", "source_b": "c4", "layer": b} if prior == "interpolation"
-                  else {"source": dataset, "layer": b})
-        out[f"deep.{b}"] = make_prior(prior, lm=lm, **params).sample(n, generator=gen)
-    return out
+    if prior == "interpolation":
+        return {"source_a": "math", "source_b": "c4"}
+    if prior == "vae":
+        return {"source": "squad"}
+    if prior == "fitted" and method == "deep":
+        return {"source": "math"}
+    return {}
 
 
 class Precompute:
@@ -215,7 +198,7 @@ class Precompute:
     def task_vae(self) -> None:
         from core.priors import make_prior
 
-        prior = make_prior("vae", lm=self.lm, **soft_prior_params("vae"))
+        prior = make_prior("vae", lm=self.lm, **gallery_prior_params("soft", "vae"), layer=0)
         self.store.save_json("vae", {"describe": prior.describe(), "diagnostics": _jsonable(prior.diagnostics)})
 
     def task_gallery(self) -> None:
@@ -230,21 +213,17 @@ class Precompute:
             is_math = spec["dataset"] == "math"
             config = TrainConfig(
                 method=spec["method"], dataset=spec["dataset"], prior=spec["prior"],
-                prior_params=soft_prior_params(spec["prior"]), seed=spec["seed"], lr=3e-3,
+                prior_params=gallery_prior_params(spec["method"], spec["prior"]), seed=spec["seed"], lr=3e-3,
                 steps=self.budget.math_steps if is_math else self.budget.qa_steps,
                 batch_size=self.budget.math_batch if is_math else self.budget.qa_batch,
                 n_val=self.budget.n_val, val_every=max(1, self.budget.snapshot_every // 2),
                 snapshot_every=self.budget.snapshot_every, eval_n=self.budget.eval_n,
                 max_length=320 if is_math else 256,
             )
-            init = None
-            if spec["method"] == "deep":
-                layers = list(range(self.lm.num_layers - 3, self.lm.num_layers))
-                init = deep_init(self.lm, spec["prior"], layers, config.n_tokens, spec["seed"], spec["dataset"])
             resume = (out / "checkpoint.pt").exists()
             self.log(f"[gallery {i}/{len(specs)}] {spec['name']}{' (resuming)' if resume else ''}")
             bar = tqdm(total=config.steps, desc=spec["name"], unit="step", leave=False)
-            result = train(self.lm, config, out, init=init, resume=resume,
+            result = train(self.lm, config, out, resume=resume,
                            on_progress=lambda p, bar=bar: bar.update(p.step - bar.n))
             bar.close()
             if result.status != "done":

@@ -151,9 +151,10 @@ def initial_tensors(
 
     One generator seeded with `config.seed` draws the soft prompt first, then each
     deep layer in order. `init` ([n, d], e.g. the Prior-lab sample) replaces the soft
-    draw; a dict {name: [n, d]} replaces the named tensors. When the prior is fitted on a
-    dataset's activations (prior_params "source" not "tokens", no "layer"), each deep
-    layer's vectors come from the same prior fitted at that layer's input.
+    draw; a dict {name: [n, d]} replaces the named tensors. When the prior is fitted on
+    datasets' activations (a "source", "source_a" or "source_b" other than "tokens") and no
+    "layer" is given, the soft prompt is drawn at layer 0 and each deep layer's vectors from
+    the same prior fitted at that layer's input.
     """
     names = list(prompt.named_tensors())
     n, d = config.n_tokens, lm.hidden_size
@@ -175,17 +176,19 @@ def initial_tensors(
     if need:
         from core.priors import make_prior
 
-        prior = make_prior(config.prior, lm=lm, **config.prior_params)
+        params = config.prior_params
+        sources = [params.get(k) for k in ("source", "source_a", "source_b") if params.get(k) is not None]
+        # A prior fitted on datasets' activations with no fixed layer draws each tensor at its own input:
+        # the soft prompt at layer 0 (token level), the vectors of block l at activation layer l, so every
+        # tensor starts at the scale of the activations it is mixed with.
+        per_layer = any(src != "tokens" for src in sources) and "layer" not in params
+        prior = make_prior(config.prior, lm=lm, **({**params, "layer": 0} if per_layer else params))
         info["prior_params"] = getattr(prior, "params", config.prior_params)
         info["prior_describe"] = prior.describe() if hasattr(prior, "describe") else config.prior
-        per_layer = config.prior_params.get("source", "tokens") not in ("tokens", None) and "layer" not in \
-            config.prior_params
         for name in need:
             source = prior
             if per_layer and name.startswith("deep."):
-                # a prior fitted on a dataset's activations: each deep layer draws from the cloud at its own input
-                # (the input of block l is activation layer l), so the vectors start at that layer's scale
-                source = make_prior(config.prior, lm=lm, **{**config.prior_params, "layer": int(name[5:])})
+                source = make_prior(config.prior, lm=lm, **{**params, "layer": int(name[5:])})
                 info.setdefault("deep_prior_layers", {})[name] = int(name[5:])
             sample = source.sample(n, generator=gen).detach().float().cpu()
             if tuple(sample.shape) != (n, d):
