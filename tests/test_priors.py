@@ -107,6 +107,14 @@ def test_bad_sample_count_and_missing_model(tiny_lm):
         make_prior("gaussian", lm=tiny_lm, dim=32)
 
 
+def test_non_finite_cloud_is_refused():
+    cloud = torch.randn(50, 8)
+    cloud[7, 3] = float("nan")
+    for covariance in ("full", "diagonal"):
+        with pytest.raises(ValueError, match="non-finite values"):
+            fit_gaussian(cloud, covariance)
+
+
 def test_too_few_points_to_fit():
     with pytest.raises(ValueError, match="too few points to fit a Gaussian: 5 rows, at least 8"):
         make_prior("fitted", reference=torch.randn(5, 16))

@@ -131,12 +131,12 @@ def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """
     n, d = x.shape
     x = x.to(torch.float32)
-    mean = x.mean(0, dtype=torch.float64)
-    xc = x - mean.float()
+    mean = x.mean(0)  # [d]; torch's reduction is pairwise, accurate in float32
+    xc = x - mean
     gram = (xc.T @ xc).double()  # [d, d]; the one O(N d²) product
     emp = gram / n
     mu = float(torch.trace(emp)) / d
-    sq_norms = xc.pow(2).sum(1, dtype=torch.float64)  # [N]
+    sq_norms = torch.linalg.vector_norm(xc, dim=1).double().pow(2)  # [N], one fused pass
     beta_ = float(sq_norms.pow(2).sum())  # = sum(X²ᵀ X²)
     delta_ = float(emp.pow(2).sum())  # = sum((XᵀX)²) / N²
     beta = (beta_ / n - delta_) / (d * n)
@@ -145,7 +145,7 @@ def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     shrinkage = 0.0 if beta == 0 else beta / delta
     cov = (1.0 - shrinkage) * emp
     cov.diagonal().add_(shrinkage * mu)
-    return mean, cov, float(shrinkage)
+    return mean.double(), cov, float(shrinkage)
 
 
 def _cholesky_with_ridge(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -181,8 +181,6 @@ def fit_gaussian(
             f"too few points to fit a Gaussian: {x.shape[0]} rows, at least {MIN_FIT_POINTS} needed "
             "(use more dataset texts, n_docs, or the token cloud)"
         )
-    if not torch.isfinite(x).all():
-        raise ValueError("the reference cloud holds non-finite values (NaN or inf)")
     n, d = x.shape
     if covariance == "diagonal":
         xd = x.to(torch.float64)
@@ -193,12 +191,16 @@ def fit_gaussian(
         mean, cov, used = ledoit_wolf(x)
     else:
         xf = x.to(torch.float32)
-        mean = xf.mean(0, dtype=torch.float64)
-        xc = xf - mean.float()
+        mean = xf.mean(0)
+        xc = xf - mean
+        mean = mean.double()
         emp = (xc.T @ xc).double() / n
         used = float(shrinkage)
         cov = (1 - used) * emp
         cov.diagonal().add_(used * float(torch.trace(emp)) / d)
+    # A NaN or inf anywhere in the cloud reaches the mean or the covariance: checked there, not over [N, d].
+    if not (torch.isfinite(mean).all() and torch.isfinite(cov).all()):
+        raise ValueError("the reference cloud holds non-finite values (NaN or inf); drop those rows")
     cov, chol, ridge = _cholesky_with_ridge(cov)
     log_det = 2.0 * float(torch.log(torch.diagonal(chol)).sum())
     return FittedGaussian(mean, cov, chol, log_det, covariance, used, ridge, n, label)
