@@ -53,22 +53,29 @@ mahalanobis = c2.toggle("Mahalanobis distance", value=True, key="div_maha",
 view = divergence_view(lm.fingerprint, paths, tensor, mahalanobis)
 
 steps = sorted(view.paths["step"].unique().tolist())
-step = st.select_slider("Training step", steps, value=steps[-1], key="div_step",
-                        help="Vectors at this step; lines trace each vector's path from the prior sample.")
+c1, c2 = st.columns([3, 1])
+step = c1.select_slider("Training step", steps, value=steps[-1], key="div_step",
+                        help="Vectors at this step (a shorter run shows its last snapshot); lines trace each "
+                             "vector's path from the prior sample.")
+zoom = c2.toggle("Zoom to the reference cloud", value=False, key="div_zoom",
+                 help="Fit the axes to the reference cloud; vectors outside are clipped and counted below.")
+x_dom, y_dom = view.cloud_domain() if zoom else (None, None)
 tips = ["run", "step", "vector", "nearest", alt.Tooltip("nearest_cos", format=".3f")]
-cloud = alt.Chart(view.cloud).mark_circle(size=8, color="#b8b8b8", opacity=0.35).encode(
-    x=alt.X("x", title=view.x_label), y=alt.Y("y", title=view.y_label), tooltip=[alt.Tooltip("text", title="token")])
-upto = view.paths[view.paths["step"] <= step]
-lines = alt.Chart(upto).mark_line(strokeWidth=1, opacity=0.5).encode(
+cloud = alt.Chart(view.cloud).mark_circle(size=8, color="#b8b8b8", opacity=0.35, clip=True).encode(
+    x=alt.X("x", title=view.x_label, scale=alt.Scale(domain=x_dom) if zoom else alt.Undefined),
+    y=alt.Y("y", title=view.y_label, scale=alt.Scale(domain=y_dom) if zoom else alt.Undefined),
+    tooltip=[alt.Tooltip("text", title="token")])
+lines = alt.Chart(view.paths[view.paths["step"] <= step]).mark_line(strokeWidth=1, opacity=0.5, clip=True).encode(
     x="x", y="y", color=alt.Color("run", title="run"), detail="vector", order="step", tooltip=tips)
-start = alt.Chart(view.paths[view.paths["step"] == steps[0]]).mark_point(shape="circle", size=45).encode(
+start = alt.Chart(view.paths[view.paths["step"] == steps[0]]).mark_point(shape="circle", size=45, clip=True).encode(
     x="x", y="y", color="run", tooltip=tips)
-now = alt.Chart(upto[upto["step"] == step]).mark_point(shape="diamond", size=90, filled=True).encode(
+now = alt.Chart(view.at_step(step)).mark_point(shape="diamond", size=90, filled=True, clip=True).encode(
     x="x", y="y", color="run", tooltip=tips)
 st.altair_chart((cloud + lines + start + now).properties(
     title=f"{tensor}: prior sample (circles), path, and step {step} (diamonds) over {view.reference}", height=520,
 ).interactive(), width="stretch")
-st.caption(view.note + " Grey: reference points (hover for the token).")
+outside = f" Zoomed: {view.outside_cloud(step)} vector(s) at this step lie outside the view." if zoom else ""
+st.caption(view.note + " Grey: reference points (hover for the token)." + outside)
 
 st.subheader("Aggregate measures of the trained prompts")
 summary = pd.DataFrame(view.summary).T[list(MEASURES)].rename(columns=MEASURES)

@@ -102,7 +102,8 @@ def test_every_page_renders_in_chromium(server):
     report = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        # Streamlit scrolls inside its own container, so a tall viewport is what shows a whole page.
+        page = browser.new_page(viewport={"width": 1400, "height": 2400})
         for i, (file, title) in enumerate(app_pages()):
             page.goto(server if i == 0 else f"{server}/{url_path(file)}", wait_until="domcontentloaded")
             page.wait_for_selector('[data-testid="stApp"]', timeout=60_000)

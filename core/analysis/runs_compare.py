@@ -526,6 +526,26 @@ class DivergenceView:
     note: str
     reference: str
 
+    def at_step(self, step: int) -> pd.DataFrame:
+        """Each run's vectors at its last snapshot at or before `step` (runs may have different lengths)."""
+        upto = self.paths[self.paths["step"] <= step]
+        last = upto.groupby("run")["step"].transform("max")
+        return upto[upto["step"] == last]
+
+    def cloud_domain(self, pad: float = 0.05) -> tuple[list[float], list[float]]:
+        """x and y ranges [lo, hi] of the reference cloud shown, padded: to zoom the view onto the cloud."""
+        out = []
+        for col in ("x", "y"):
+            lo, hi = float(self.cloud[col].min()), float(self.cloud[col].max())
+            out.append([lo - pad * (hi - lo), hi + pad * (hi - lo)])
+        return out[0], out[1]
+
+    def outside_cloud(self, step: int) -> int:
+        """How many vectors at `step` (see at_step) fall outside the cloud's padded range."""
+        (x0, x1), (y0, y1) = self.cloud_domain()
+        now = self.at_step(step)
+        return int((~now["x"].between(x0, x1) | ~now["y"].between(y0, y1)).sum())
+
 
 def divergence_view(
     lm,  # noqa: ANN001
