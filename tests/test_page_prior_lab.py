@@ -1,4 +1,7 @@
-"""AppTest of the Prior lab page: every prior renders on the embedded model, errors are shown, the sample is sent."""
+"""AppTest of the Prior lab page: every prior renders on the embedded model, errors are shown, the sample is sent.
+
+The page loads the embedded model through ui_state, so every test here is `integration`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "4_Prior_lab.py")
+pytestmark = pytest.mark.integration
 ALL = ["gaussian", "xavier", "fitted", "exclusion", "interpolation", "vae", "vocab", "text", "knn_low_density"]
 
 
@@ -40,7 +44,6 @@ def test_invalid_option_is_explained_not_raised():
     assert any("sigma must be a positive" in i.value for i in at.info)
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("name", ALL)
 def test_every_prior_renders(name):
     at = run_page()
@@ -53,7 +56,6 @@ def test_every_prior_renders(name):
         assert rate.endswith("%")
 
 
-@pytest.mark.integration
 def test_tsne_view_renders():
     at = run_page()
     at.slider(key="prior_lab_n").set_value(10).run()
