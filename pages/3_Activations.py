@@ -22,7 +22,7 @@ depth = lm.num_layers
 
 c1, c2 = st.columns(2)
 datasets = c1.multiselect("Datasets", ["c4", "squad", "math"], default=["c4", "squad", "math"], key="act_datasets",
-                          format_func=dataset_label)
+                          format_func=ui_state.DATASETS.get)
 layers = c2.multiselect("Layers (0 = embeddings)", list(range(depth + 1)), default=[depth // 2], key="act_layers",
                         max_selections=3)
 c3, c4, c5, c6 = st.columns(4)
@@ -37,6 +37,7 @@ with_first = st.toggle("Include each text's first token (attention sink)", key="
 if not datasets or not layers:
     st.info("Pick at least one dataset and one layer.")
     st.stop()
+st.caption("Data: " + "; ".join(f"{d} = {dataset_label(d)}" for d in datasets))
 
 bar = st.progress(0.0, text="Collecting activations (cached after the first time) ...")
 acts = {}
@@ -46,7 +47,8 @@ for k, d in enumerate(datasets):
     acts[d] = acts[d].with_first_token(with_first)
 bar.empty()
 method = "tsne" if view == "t-SNE" else "pca"
-color = alt.Color("group:N", title="dataset", scale=alt.Scale(domain=["c4", "squad", "math"]))
+color = alt.Color("group:N", title="dataset", scale=alt.Scale(domain=["c4", "squad", "math"],
+                                                              range=["#4c78a8", "#f58518", "#d62728"]))
 tips = [alt.Tooltip(c) for c in ("group:N", "token:N", "doc:Q", "position:Q", "text:N")]
 for layer, col in zip(sorted(layers), st.columns(len(layers)), strict=True):
     with col, st.spinner(f"{view} of layer {layer} ..."):
