@@ -128,10 +128,14 @@ class Precompute:
     def _check_manifest(self) -> None:
         manifest = self.store.manifest()
         if manifest and (manifest.get("model_fingerprint") != self.lm.fingerprint
-                         or manifest.get("budget") != self.budget.__dict__ | {"sep_layers": self._sep_layers()}):
+                         or manifest.get("budget") != self._budget_record()):
             raise SystemExit(
                 f"{self.store.root} holds artifacts built for another model or budget "
                 f"({manifest.get('model_fingerprint')}); remove the folder or pass --out to build elsewhere")
+
+    def _budget_record(self) -> dict:
+        """The budget as the manifest stores it (JSON types), to compare with a saved one."""
+        return json.loads(json.dumps(self.budget.__dict__ | {"sep_layers": self._sep_layers()}))
 
     def _sep_layers(self) -> list[int]:
         return list(self.budget.sep_layers or range(self.lm.num_layers + 1))
@@ -142,7 +146,7 @@ class Precompute:
             "model_fingerprint": self.lm.fingerprint,
             "assets": {a.key: f"{a.package}=={a.version}" for a in ASSETS.values()}
             | {"math-generator": f"{GENERATOR_PROVENANCE['package']}=={GENERATOR_PROVENANCE['version']}"},
-            "budget": self.budget.__dict__ | {"sep_layers": self._sep_layers()},
+            "budget": self._budget_record(),
             "seeds": sorted({s["seed"] for s in gallery_specs(self.budget)}),
             "command": self.command,
             "code_version": _git_version(),
