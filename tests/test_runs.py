@@ -122,3 +122,23 @@ def test_job_runs_in_background_and_cancels(tiny_lm, tmp_path):
     assert partial.status == "cancelled" and 1 <= partial.history[-1]["step"] < 500 and partial.prompt
     with pytest.raises(KeyError, match="no training job"):
         jobs.get_job("job-nope")
+
+
+@pytest.mark.integration  # real data: the arithmetic generator
+def test_cli_train_end_to_end_on_a_local_tiny_model(tiny_lm, tmp_path, capsys):
+    from core.__main__ import main
+
+    tiny_lm.model.save_pretrained(tmp_path / "tiny")
+    tiny_lm.tokenizer.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "cli-run"
+    code = main(["train", "--model", str(tmp_path / "tiny"), "--dataset", "math", "--method", "soft", "--prior",
+                 "gaussian", "--prior-param", "sigma=0.1", "--lr", "0.01", "--steps", "2", "--batch-size", "2",
+                 "--n-train", "8", "--n-val", "4", "--eval-n", "2", "--val-every", "1", "--compute", "fp32",
+                 "--n-tokens", "3", "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "status: done" in text and "val loss:" in text and "no_prompt" in text
+    run = load_run(out)
+    assert run.config["prior_params"]["sigma"] == 0.1 and run.config["n_tokens"] == 3
+    assert set(run.metrics["eval"]) >= {"prompt", "no_prompt", "text_prompt"}
+    assert [h["step"] for h in run.history] == [0, 1, 2]
