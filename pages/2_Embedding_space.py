@@ -76,10 +76,10 @@ if query.strip() and not hit.any():
 
 st.subheader("Step lengths: this sentence vs random walks")
 m = st.columns(4)
-m[0].metric("Mean step, sentence", f"{test.real_mean_step:.3f}", help=f"± {test.real_std_step:.3f} (std)")
-m[1].metric("Mean step, random walks", f"{test.random_mean_step:.3f}", help=f"± {test.random_std_step:.3f} (std)")
-m[2].metric("P(sentence step < walk step)", f"{test.common_language:.2f}")
-m[3].metric("p-value (one-sided)", f"{test.p_value:.2g}")
+m[0].metric("Sentence: mean step", f"{test.real_mean_step:.3f}", help=f"± {test.real_std_step:.3f} (std)")
+m[1].metric("Walks: mean step", f"{test.random_mean_step:.3f}", help=f"± {test.random_std_step:.3f} (std)")
+m[2].metric("P(shorter)", f"{test.common_language:.2f}", help="P(a sentence step < a walk step); 0.5 = no difference")
+m[3].metric("p (one-sided)", f"{test.p_value:.2g}", help="Mann-Whitney U, H1: the sentence's steps are shorter")
 st.caption(
     f"Random walks: {n_walks} sequences of {len(traj.token_ids) + traj.first_position} tokens drawn uniformly from "
     f"the vocabulary (special tokens excluded){', read by the model' if layer else ''}. "
@@ -92,7 +92,8 @@ st.altair_chart(
     alt.Chart(hist, title="Distribution of step lengths").mark_bar(opacity=0.6).encode(
         x=alt.X("left:Q", bin="binned", title="step length (Euclidean)"), x2="right:Q",
         y=alt.Y("share:Q", title="share of steps", stack=None),
-        color=alt.Color("group:N", title="steps of"),
+        color=alt.Color("group:N", title="steps of", scale=alt.Scale(domain=["sentence", "random walks"],
+                                                                     range=["#1f77b4", "#9aa5b1"])),
         tooltip=[alt.Tooltip("group:N"), alt.Tooltip("left:Q", format=".3f"), alt.Tooltip("right:Q", format=".3f"),
                  alt.Tooltip("share:Q", format=".1%")],
     ),

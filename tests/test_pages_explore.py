@@ -17,7 +17,7 @@ def test_embedding_space_page():
     at.session_state["emb_find"] = "cat"
     at.run()
     assert not at.exception
-    assert any("Mean step" in m.label for m in at.metric)
+    assert any("mean step" in m.label for m in at.metric)
     at.slider(key="emb_layer").set_value(30).run()  # the path over last-layer activations of news texts
     assert not at.exception
     assert any("Layer 30" in str(c.proto.spec) for c in at.get("vega_lite_chart"))
