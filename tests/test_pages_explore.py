@@ -18,6 +18,10 @@ def test_embedding_space_page():
     at.run()
     assert not at.exception
     assert any("mean step" in m.label for m in at.metric)
+    at.radio(key="emb_view").set_value("t-SNE").run()  # joint t-SNE of 500 tokens, the path and the found tokens
+    assert not at.exception
+    assert any("t-SNE" in str(c.proto.spec) for c in at.get("vega_lite_chart"))
+    at.radio(key="emb_view").set_value("PCA")
     at.slider(key="emb_layer").set_value(30).run()  # the path over last-layer activations of news texts
     assert not at.exception
     assert any("Layer 30" in str(c.proto.spec) for c in at.get("vega_lite_chart"))
