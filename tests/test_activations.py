@@ -214,3 +214,13 @@ def test_keep_end_and_rows_frame(tiny_lm):
     with pytest.raises(ValueError, match="keep must be 'start' or 'end'"):
         collect_activations(tiny_lm, TEXTS, [0], keep="middle")
     assert act.keep_side("squad") == "end" and act.keep_side("c4") == "start"
+
+
+def test_dataset_errors(tiny_lm, tmp_path, monkeypatch):
+    monkeypatch.setattr(act, "cache_subdir", lambda name: (tmp_path / name).mkdir(exist_ok=True) or tmp_path / name)
+    with pytest.raises(ValueError, match="n must be at least 1"):
+        dataset_activations(tiny_lm, "c4", [1], n=0)
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+        dataset_activations(tiny_lm, "imagenet", [1], n=2)
+    with pytest.raises(ValueError, match="outside 0..4"):
+        act.dataset_document_means(tiny_lm, "c4", [9], n=2)
