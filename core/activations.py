@@ -609,6 +609,8 @@ def dataset_document_means(
     """
     layer_t = check_layers(lm, range(lm.num_layers + 1) if layers is None else layers)
     mode = resolve_compute(lm, compute)
+    if n < 1:
+        raise ValueError(f"n must be at least 1; got {n}")
     key = cache_key(
         "docmeans", lm, dataset=dataset, source=source_key(source), n=n, seed=seed,
         max_length=max_length, layers=list(layer_t), compute=mode, batch_size=batch_size, keep=keep_side(dataset),
