@@ -44,12 +44,12 @@ def test_prompt_equal_to_tokens_is_fully_collapsed():
     pv = report.per_vector
     assert report.summary["collapse_score"] == 1.0
     assert report.summary["collapse_score_cos"] == 1.0
-    np.testing.assert_allclose(pv["nearest_cos"], 1.0, atol=1e-9)
+    np.testing.assert_allclose(pv["nearest_cos"], 1.0, atol=1e-6)
     assert list(pv["nearest_id"]) == rows
     assert list(pv["nearest"]) == [f"tok{i}" for i in rows]
     assert pv["top_tokens"].str.startswith("'tok").all()
     assert report.top_ids.shape == (4, dv.TOP_K)
-    assert (np.diff(report.top_cos, axis=1) <= 1e-12).all()  # best first
+    assert (np.diff(report.top_cos, axis=1) <= 1e-7).all()  # best first
 
 
 def test_far_out_prompts_order_every_distance():
@@ -108,7 +108,7 @@ def test_drift_values():
     p = np.array([[2.0, 0.0], [2.0, 0.0]], dtype=np.float32)
     l2, cos = dv.drift(p, p0)
     np.testing.assert_allclose(l2, [1.0, np.sqrt(8.0)], rtol=1e-6)
-    np.testing.assert_allclose(cos, [0.0, 1.0], atol=1e-9)
+    np.testing.assert_allclose(cos, [0.0, 1.0], atol=1e-7)
     ref = _cloud(d=2)
     report = dv.divergence(p, ref, init=p0)
     np.testing.assert_allclose(report.per_vector["drift_l2"], l2)

@@ -249,34 +249,56 @@ class _Scan:
 
 
 def _scan(p: np.ndarray, ref: ReferenceCloud, k: int, top_k: int, stats: dict) -> _Scan:
-    """One chunked pass of the prompt [n, d] over the reference [V, d] for every per-vector measure."""
-    pt = torch.from_numpy(p).double()  # float64: a vector equal to a token must give distance 0, not 1e-3
-    p_norm = pt.norm(dim=1).clamp_min(1e-12)
+    """One chunked pass of the prompt [n, d] over the reference [V, d] for every per-vector measure.
+
+    float32 products over [n, chunk] blocks; the collapse margin is then recomputed exactly (float64
+    differences, no expansion) for the few pairs near the threshold, where rounding would decide it: a
+    vector equal to a token must be at distance 0, not 1e-3.
+    """
+    pt = torch.from_numpy(p)
+    p_sq = (pt * pt).sum(1)
+    p_norm = p_sq.sqrt().clamp_min(1e-12)
     ref_t = torch.from_numpy(ref.vectors)
-    nn1 = torch.from_numpy(stats["nn1"]).double()
-    nn_cos = torch.from_numpy(stats["nn_cos"]).double()
+    ref_sq = _ref_sq(ref)
+    nn1 = torch.from_numpy(stats["nn1"])
+    nn_cos = torch.from_numpy(stats["nn_cos"])
+    slack = 1e-2 * float(ref_sq.sqrt().median())
     n = len(pt)
-    best_d = torch.zeros((n, 0), dtype=torch.float64)
-    best_c = torch.zeros((n, 0), dtype=torch.float64)
+    best_d = torch.zeros((n, 0))
+    best_c = torch.zeros((n, 0))
     best_i = torch.zeros((n, 0), dtype=torch.long)
     margin = torch.full((n,), float("inf"), dtype=torch.float64)
-    cos_margin = torch.full((n,), -float("inf"), dtype=torch.float64)
-    step = _chunk_rows(n)
+    cos_margin = torch.full((n,), -float("inf"))
+    step = max(1, min(len(ref), _CHUNK_ELEMENTS // max(1, 4 * n)))  # few big blocks: n is small
     for start in range(0, len(ref), step):
-        block = ref_t[start:start + step].double()
-        b_sq = (block * block).sum(1)
+        block, b_sq = ref_t[start:start + step], ref_sq[start:start + step]
         dot = pt @ block.T  # [n, chunk]
-        d = (p_norm[:, None] ** 2 + b_sq[None, :] - 2.0 * dot).clamp_min_(0.0).sqrt_()
         cos = dot / (p_norm[:, None] * b_sq.sqrt().clamp_min(1e-12)[None, :])
-        margin = torch.minimum(margin, (d - nn1[start:start + step][None, :]).min(1).values)
         cos_margin = torch.maximum(cos_margin, (cos - nn_cos[start:start + step][None, :]).max(1).values)
-        best_d = torch.topk(torch.cat([best_d, d], 1), min(k, best_d.shape[1] + d.shape[1]), dim=1,
-                            largest=False).values
-        all_c, all_i = torch.cat([best_c, cos], 1), torch.cat([best_i, torch.arange(start, start + len(block))
-                                                                .expand(n, -1)], 1)
+        all_c = torch.cat([best_c, cos], 1)
+        all_i = torch.cat([best_i, torch.arange(start, start + len(block)).expand(n, -1)], 1)
         best_c, order = torch.topk(all_c, min(top_k, all_c.shape[1]), dim=1)
         best_i = torch.gather(all_i, 1, order)
-    return _Scan(best_i.numpy(), best_c.numpy(), best_d.mean(1).numpy(), margin.numpy(), cos_margin.numpy())
+        del cos, all_c, all_i
+        d = dot.mul_(-2.0).add_(b_sq[None, :]).add_(p_sq[:, None]).clamp_min_(0.0).sqrt_()  # [n, chunk]
+        gap = (d - nn1[start:start + step][None, :]).double()
+        rows, cols = torch.nonzero(gap < slack, as_tuple=True)
+        if len(rows):
+            exact = (pt[rows].double() - block[cols].double()).norm(dim=1)
+            gap[rows, cols] = exact - nn1[start:start + step][cols].double()
+        margin = torch.minimum(margin, gap.min(1).values)
+        best_d = torch.topk(torch.cat([best_d, d], 1), min(k, best_d.shape[1] + d.shape[1]), dim=1,
+                            largest=False).values
+    return _Scan(best_i.numpy(), best_c.double().numpy(), best_d.double().mean(1).numpy(), margin.numpy(),
+                 cos_margin.double().numpy())
+
+
+def _ref_sq(ref: ReferenceCloud) -> torch.Tensor:
+    """Squared norms of the reference rows [V], computed once per cloud object."""
+    if "sq" not in ref._stats:
+        vec = torch.from_numpy(ref.vectors)
+        ref._stats["sq"] = (vec * vec).sum(1)
+    return ref._stats["sq"]
 
 
 def nearest_by_cosine(prompt, ref: ReferenceCloud, top_k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
@@ -365,8 +387,11 @@ def _reference_mahalanobis(gaussian, ref: ReferenceCloud, sample: int = 2048) ->
     # The cloud's own median distance gives the scale: in d=576 a typical point sits near sqrt(d), not near 0.
     if gaussian is None:
         return float("nan")
-    rows = np.random.default_rng(0).choice(len(ref), size=min(sample, len(ref)), replace=False)
-    return float(np.median(_mahalanobis(gaussian, ref.vectors[np.sort(rows)])))
+    key = ("ref_mahalanobis", id(gaussian), sample)
+    if key not in ref._stats:
+        rows = np.random.default_rng(0).choice(len(ref), size=min(sample, len(ref)), replace=False)
+        ref._stats[key] = float(np.median(_mahalanobis(gaussian, ref.vectors[np.sort(rows)])))
+    return ref._stats[key]
 
 
 def drift(prompt, init) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
@@ -412,11 +437,24 @@ def snapshot_divergence(
         raise ValueError(
             f"snapshots must be [S, n, d] with S = len(steps) = {len(steps)}; got shape {snaps.shape}"
         )
-    rows = []
-    for step, snap in zip(steps, snaps, strict=True):
-        s = divergence(snap, ref, init=snaps[0], gaussian=gaussian, k=k, top_k=1).summary
-        rows.append({"step": int(step), **{c: s[c] for c in _TRACK}})
-    return pd.DataFrame(rows)
+    n_snap, n = snaps.shape[:2]
+    # One pass over the reference for all S x n vectors, then aggregate per snapshot.
+    flat = divergence(snaps.reshape(n_snap * n, -1), ref, init=np.tile(snaps[0], (n_snap, 1)), gaussian=gaussian,
+                      k=k, top_k=1).per_vector
+    flat["snapshot"] = np.repeat(np.arange(n_snap), n)
+    g = flat.groupby("snapshot")
+    frame = pd.DataFrame({
+        "step": [int(s) for s in steps],
+        "collapse_score": g["collapsed"].mean().to_numpy(dtype=float),
+        "collapse_score_cos": g["collapsed_cos"].mean().to_numpy(dtype=float),
+        "median_nearest_cos": g["nearest_cos"].median().to_numpy(),
+        "median_manifold_ratio": g["manifold_ratio"].median().to_numpy(),
+        "median_mahalanobis": g["mahalanobis"].median().to_numpy(),
+        "median_norm_ratio": g["norm_ratio"].median().to_numpy(),
+        "mean_drift_l2": g["drift_l2"].mean().to_numpy(),
+        "mean_drift_cos": g["drift_cos"].mean().to_numpy(),
+    })
+    return frame[["step", *_TRACK]]
 
 
 _TRACK = ("collapse_score", "collapse_score_cos", "median_nearest_cos", "median_manifold_ratio", "median_mahalanobis",
