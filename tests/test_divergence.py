@@ -176,3 +176,21 @@ def test_real_vocabulary_readout_and_gaussian_init(real_lm, monkeypatch):
     assert gauss.summary["median_nearest_cos"] < 0.3
     assert gauss.summary["collapse_score_cos"] == 0.0
     assert gauss.summary["median_norm_ratio"] < 0.3
+
+
+def test_committed_knn_table_spares_the_vocabulary_pass(tmp_path, monkeypatch):
+    from core.artifacts import ArtifactStore
+    from core.models import tiny_llama
+
+    lm = tiny_llama(num_layers=2, hidden_size=32, vocab_size=300)
+    monkeypatch.setattr(core.paths, "ARTIFACTS_DIR", tmp_path / "art")
+    path = dv.save_reference_knn_artifact(lm, ArtifactStore(tmp_path / "art"), k=4)
+    assert path.name == "reference_knn_tokens.safetensors"
+    built = dv.reference_knn(dv.token_reference(lm), k=4)
+    monkeypatch.setattr(core.paths, "CACHE_DIR", tmp_path / "fresh-clone-cache")
+    monkeypatch.setattr(dv, "_compute_reference_knn", lambda *a, **k: pytest.fail("recomputed despite the artifact"))
+    served = dv.reference_knn(dv.token_reference(lm), k=4)
+    np.testing.assert_array_equal(served["nn1"], built["nn1"])
+    # Another k is another table: the artifact does not answer for it.
+    with pytest.raises(pytest.fail.Exception, match="recomputed despite the artifact"):
+        dv.reference_knn(dv.token_reference(lm), k=3)

@@ -36,8 +36,10 @@ The reference's own k-NN distances cost a V x V pass (about two minutes for
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -150,7 +152,7 @@ def reference_knn(
     """
     if k < 1 or k >= len(ref):
         raise ValueError(f"k must be between 1 and {len(ref) - 1} (the cloud has {len(ref)} points); got {k}")
-    cache_key = f"refknn:v2:{ref.key}:{_array_digest(ref.vectors)}:{k}"
+    cache_key = _knn_key(ref, k)
     if cache_key in ref._stats:
         return ref._stats[cache_key]
     import diskcache
@@ -158,10 +160,47 @@ def reference_knn(
     with diskcache.Cache(str(cache_subdir("divergence")), size_limit=2**30) as cache:
         hit = cache.get(cache_key)
         if hit is None:
+            hit = _artifact_knn(cache_key)
+        if hit is None:
             hit = _compute_reference_knn(ref.vectors, k, progress)
-            cache.set(cache_key, hit)
+        cache.set(cache_key, hit)
     ref._stats[cache_key] = hit
     return hit
+
+
+ARTIFACT_NAME = "reference_knn_tokens"
+
+
+def _artifact_knn(cache_key: str) -> dict | None:
+    """The committed table (artifacts/arrays/reference_knn_tokens.safetensors) when it was built for this key."""
+    from safetensors import safe_open
+
+    from core.paths import ARTIFACTS_DIR
+
+    path = ARTIFACTS_DIR / "arrays" / f"{ARTIFACT_NAME}.safetensors"
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            if json.loads((fh.metadata() or {}).get("cache_key", "null")) != cache_key:
+                return None
+            return {name: fh.get_tensor(name) for name in fh.keys()}
+    except (OSError, ValueError):
+        return None  # an unreadable artifact is a miss: recompute
+
+
+def save_reference_knn_artifact(lm, store, k: int = DEFAULT_K) -> Path:  # noqa: ANN001 - LoadedModel, ArtifactStore
+    """Write the token cloud's k-NN table into `store` (core.artifacts.ArtifactStore), float32, about 0.8 MB
+    for 49k tokens, so a fresh clone's Divergence page skips the V x V pass (about 30-60 s on 2 cores)."""
+    ref = token_reference(lm)
+    stats = reference_knn(ref, k=k)
+    key = _knn_key(ref, k)
+    return store.save_arrays(ARTIFACT_NAME, {n: np.asarray(v, dtype=np.float32) for n, v in stats.items()},
+                             metadata={"cache_key": key, "model_fingerprint": lm.fingerprint, "k": k})
+
+
+def _knn_key(ref: ReferenceCloud, k: int) -> str:
+    return f"refknn:v2:{ref.key}:{_array_digest(ref.vectors)}:{k}"
 
 
 def _array_digest(x: np.ndarray) -> str:
