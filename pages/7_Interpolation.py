@@ -1,5 +1,7 @@
 """Interpolation: C4, SQuAD and MATH activations at a layer with the MATH-C4 interpolation prior (paper Fig. 12)."""
 
+from pathlib import Path
+
 import altair as alt
 import pandas as pd
 import streamlit as st
@@ -39,7 +41,10 @@ chosen = st.multiselect("Trained prompts to draw", list(candidates), default=lis
                         key="interp_runs", help=f"Runs that hold a prompt tensor {tensor!r}.")
 if not candidates:
     st.info(NO_RUNS)
-view = interpolation_view(lm.fingerprint, layer, tuple(candidates[c] for c in chosen))
+store = ArtifactStore()
+usable, note = store.status(lm.fingerprint)
+stored_view = rc.load_interpolation_view(store, lm.fingerprint, layer, [Path(candidates[c]).name for c in chosen])
+view = stored_view or interpolation_view(lm.fingerprint, layer, tuple(candidates[c] for c in chosen))
 
 points = view.points
 tips = ["group", "kind", "text", alt.Tooltip("position", format=".2f", title="MATH-C4 position")]
@@ -54,8 +59,6 @@ st.altair_chart((data + prompts).properties(
 st.caption(view.note + " Data: " + "; ".join(dataset_label(d) for d in ("c4", "squad", "math")) + ".")
 
 st.subheader("Where the vectors land on the MATH-C4 axis")
-store = ArtifactStore()
-usable, note = store.status(lm.fingerprint)
 stored = store.load_table("interpolation") if usable else None
 positions = view.positions.assign(source="live")
 if stored is not None and not stored.empty:

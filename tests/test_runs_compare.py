@@ -183,3 +183,20 @@ def test_interpolation_positions_on_the_math_c4_axis(gallery, tiny_lm):
     assert len(table) == 2 * 2 * 20
     with pytest.raises(ValueError, match="the two cluster means coincide"):
         rc.axis_position(torch.zeros(2, 4), (np.zeros(4), np.zeros(4)))
+
+
+def test_interpolation_view_round_trips_through_the_artifact_store(gallery, tiny_lm, tmp_path):
+    from core.artifacts import ArtifactStore
+
+    deep = [e.path for e in rc.all_runs({"yours": gallery}) if e.info.method == "deep"]
+    store = ArtifactStore(tmp_path / "art")
+    built = rc.save_interpolation_view(store, tiny_lm, 3, deep)
+    assert set(built.points["kind"]) == {"data", "prior sample", "prior", "trained"}
+    assert set(built.points[built.points["kind"] == "data"]["group"]) == {"c4", "squad", "math"}
+    loaded = rc.load_interpolation_view(store, tiny_lm.fingerprint, 3, [deep[0].name])
+    assert len(loaded.points) == len(built.points) and loaded.note.endswith("(precomputed)")
+    without_runs = rc.load_interpolation_view(store, tiny_lm.fingerprint, 3, [])
+    assert set(without_runs.points["kind"]) == {"data", "prior sample"}
+    assert rc.load_interpolation_view(store, tiny_lm.fingerprint, 3, ["some-other-run"]) is None
+    assert rc.load_interpolation_view(store, "another-model", 3, []) is None
+    assert rc.load_interpolation_view(store, tiny_lm.fingerprint, 2, []) is None

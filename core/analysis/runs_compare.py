@@ -676,3 +676,34 @@ def _points(proj, axis, x: np.ndarray, group: str, kind: str, text: list[str] | 
     return pd.DataFrame({"group": group, "kind": kind, "x": xy[:, 0], "y": xy[:, 1],
                          "text": text if text is not None else [f"vector {i}" for i in range(len(x))],
                          "position": axis_position(x, axis)})
+
+
+def save_interpolation_view(store, lm, layer: int, run_paths: Iterable[str | Path]) -> InterpolationView:  # noqa: ANN001
+    """Build `interpolation_view` and write it into `store` (core.artifacts.ArtifactStore) for the page to open at
+    once: tables/interpolation_view_l{layer}.csv (points) and .json (axes, note, runs, model fingerprint)."""
+    paths = list(run_paths)
+    view = interpolation_view(lm, layer, paths)
+    store.save_table(f"interpolation_view_l{layer}", view.points)
+    store.save_table(f"interpolation_view_positions_l{layer}", view.positions)
+    store.save_json(f"interpolation_view_l{layer}", {
+        "x_label": view.x_label, "y_label": view.y_label, "note": view.note, "layer": layer,
+        "runs": [Path(p).name for p in paths], "model_fingerprint": lm.fingerprint})
+    return view
+
+
+def load_interpolation_view(store, fingerprint: str, layer: int, run_names: Iterable[str]) -> InterpolationView | None:  # noqa: ANN001
+    """The stored view for `layer` restricted to `run_names`, or None when there is none for this model or it
+    lacks one of the runs (the page then computes live)."""
+    meta = store.load_json(f"interpolation_view_l{layer}")
+    names = set(run_names)
+    if not meta or meta.get("model_fingerprint") != fingerprint or not names <= set(meta.get("runs", [])):
+        return None
+    points = store.load_table(f"interpolation_view_l{layer}")
+    positions = store.load_table(f"interpolation_view_positions_l{layer}")
+    if points is None or positions is None:
+        return None
+    run_of = points["group"].str.rsplit(" ", n=1).str[0]
+    keep = points["kind"].isin(["data", "prior sample"]) | run_of.isin(names)
+    positions = positions[(positions["run"] == "interpolation prior sample") | positions["run"].isin(names)]
+    return InterpolationView(points[keep].reset_index(drop=True), positions.reset_index(drop=True),
+                             meta["x_label"], meta["y_label"], meta["note"] + " (precomputed)")
