@@ -137,6 +137,9 @@ def interpolation_finding(interp: pd.DataFrame | None) -> dict:
     rows = interp[interp["prior"] == "interpolation"] if "prior" in interp else interp
     post = rows[rows["kind"] == "posterior"]["position"].to_numpy()
     prior = rows[rows["kind"] == "prior"]["position"].to_numpy()
+    if not len(post):
+        return _not_measured("interpolation", claim, "Interpolation", "posterior positions on the MATH-C4 axis",
+                             "no trained interpolation prompts")
     between = float(np.mean((post > 0.05) & (post < 0.95))) if len(post) else math.nan
     verdict = "agrees" if between >= 0.5 else ("partly" if between >= 0.2 else "does not agree")
     measured = (f"{between:.0%} of trained deep-prompt vectors lie between the cluster means (0 = C4, 1 = MATH); "

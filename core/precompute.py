@@ -220,7 +220,8 @@ class Precompute:
                 prior_params=gallery_prior_params(spec["method"], spec["prior"]), seed=spec["seed"], lr=3e-3,
                 steps=self.budget.math_steps if is_math else self.budget.qa_steps,
                 batch_size=self.budget.math_batch if is_math else self.budget.qa_batch,
-                n_val=self.budget.n_val, val_every=max(1, self.budget.snapshot_every // 2),
+                n_val=self.budget.n_val,
+                val_every=max(1, self.budget.snapshot_every // (2 if is_math else 1)),  # QA validation is costly
                 snapshot_every=self.budget.snapshot_every, eval_n=self.budget.eval_n,
                 max_length=320 if is_math else 256,
             )
