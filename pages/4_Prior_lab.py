@@ -93,9 +93,9 @@ if getattr(prior, "diagnostics", None):
 method = "tsne" if view == "t-SNE" else "pca"
 with st.spinner("t-SNE of the sample and a reference subsample (cached) ..." if method == "tsne" else "Projecting ..."):
     pv = prior_view(lm, prior, sample, max_reference=1000 if method == "tsne" else 3000, method=method)
-chart = alt.Chart(pv.points, title=f"{name} sample over the reference cloud ({view})").mark_circle().encode(
-    x=alt.X("x:Q", title=pv.axis_labels[0]),
-    y=alt.Y("y:Q", title=pv.axis_labels[1]),
+chart = alt.Chart(pv.frame, title=f"{name} sample over the reference cloud ({view})").mark_circle().encode(
+    x=alt.X("x:Q", title=pv.x_label),
+    y=alt.Y("y:Q", title=pv.y_label),
     color=alt.Color("group:N", title="points"),
     size=alt.condition(alt.datum.group == "sample", alt.value(60), alt.value(8)),
     opacity=alt.condition(alt.datum.group == "sample", alt.value(0.95), alt.value(0.35)),

@@ -398,3 +398,26 @@ def test_interpolation_between_math_and_c4_on_the_embedded_model(real_lm):
     pos = prior.position(prior.sample(500, gen()))
     assert float(pos.mean()) == pytest.approx(0.5, abs=0.1)
     assert float(pos.quantile(0.1)) > -0.5 and float(pos.quantile(0.9)) < 1.5
+
+
+# --------------------------------------------------------------------------- what the Prior lab shows
+
+
+def test_sample_report_and_view(tiny_lm):
+    from core.priors.report import prior_view, sample_report
+
+    vocab = make_prior("vocab", lm=tiny_lm)
+    x = vocab.sample(6, gen())
+    table, summary = sample_report(tiny_lm, vocab, x)
+    assert list(table["nearest_cos"].round(4)) == [1.0] * 6  # a token's own embedding is its nearest token
+    assert summary["median_nearest_cos"] == pytest.approx(1.0)
+    assert table["mahalanobis"].notna().all() and summary["mahalanobis_fit"] == "token embeddings"
+    excl = make_prior("exclusion", lm=tiny_lm)
+    _, summary = sample_report(tiny_lm, excl, excl.sample(6, gen()))
+    assert summary["acceptance_rate"] == excl.last_stats["acceptance_rate"]
+    view = prior_view(tiny_lm, excl, excl.sample(6, gen()), max_reference=300)
+    frame = view.frame
+    assert (frame["group"] == "sample").sum() == 6 and (frame["group"] == "token embeddings").sum() == 300
+    assert {"x", "y", "label", "norm"} <= set(frame.columns) and view.x_label.startswith("PC1")
+    with pytest.raises(ValueError, match="samples must be"):
+        sample_report(tiny_lm, excl, torch.zeros(3, 5))

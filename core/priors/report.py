@@ -1,7 +1,7 @@
 """What the Prior lab shows about a sample: per-vector measures and a 2-D view over the reference cloud.
 
     >>> table, summary = sample_report(lm, prior, x)   # x [n, d] from prior.sample(n)
-    >>> view = prior_view(lm, prior, x)                 # view.points: x, y, group, label per point
+    >>> view = prior_view(lm, prior, x)                 # view.frame: group, x, y, label, norm per point
 
 Nearest-token read-out comes from `core.analysis.divergence.nearest_by_cosine`,
 the projections from `core.analysis.projections` (PCA fitted on the reference
@@ -9,8 +9,6 @@ cloud only, so samples sit on the cloud's axes); nothing is recomputed here.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -104,19 +102,6 @@ def sample_report(lm: LoadedModel, prior: Prior, samples: torch.Tensor, top_k: i
     return table, summary
 
 
-@dataclass
-class PriorView:
-    """Points for a 2-D chart: reference cloud(s) and the sample on the reference's PCA axes.
-
-    points: DataFrame with x, y, group ("sample" or the cloud's name), label (token text or
-    vector index), norm; axis_labels: two strings; note: outlier accounting for the view.
-    """
-
-    points: pd.DataFrame
-    axis_labels: list[str]
-    note: str
-
-
 def _clouds(lm: LoadedModel, prior: Prior) -> list[tuple[str, np.ndarray, list[str]]]:
     from core.analysis.divergence import activation_reference
 
@@ -133,40 +118,28 @@ def _clouds(lm: LoadedModel, prior: Prior) -> list[tuple[str, np.ndarray, list[s
 
 
 def prior_view(lm: LoadedModel, prior: Prior, samples: torch.Tensor, max_reference: int = 3000,
-               seed: int = 0, method: str = "pca") -> PriorView:
-    """Samples [n, d] over the prior's reference cloud(s) in 2-D.
+               seed: int = 0, method: str = "pca"):  # noqa: ANN201 - core.analysis.projections.View
+    """Samples [n, d] over the prior's reference cloud(s) in 2-D, as a `core.analysis.projections.View`
+    (frame columns: group, row, x, y, inside, label, norm).
 
-    method "pca": axes fitted on the whole reference (samples projected onto them);
-    "tsne": one joint t-SNE of a reference subsample plus every sample.
-    At most `max_reference` points per cloud are drawn (seeded subsample).
+    method "pca": axes fitted on the reference cloud(s) only (massive-activation rows left out of
+    the fit, as `project_groups` does), the samples projected onto them; "tsne": one joint t-SNE of a
+    reference subsample and every sample. About `max_reference` reference points per cloud are drawn.
     """
-    from core.analysis.projections import fit_pca, outlier_note, robust_mask, subsample_indices, tsne
+    from core.analysis.projections import fit_pca, massive_rows, project_groups
 
-    if method not in ("pca", "tsne"):
-        raise ValueError(f"method must be 'pca' or 'tsne'; got {method!r}")
     x = torch.as_tensor(samples, dtype=torch.float32).numpy()
     clouds = _clouds(lm, prior)
-    parts, groups, labels = [], [], []
-    for name, vectors, texts in clouds:
-        idx = subsample_indices(len(vectors), max_reference, seed=seed)
-        parts.append(vectors[idx])
-        groups += [name] * len(idx)
-        labels += [texts[i] for i in idx]
-    parts.append(x)
-    groups += ["sample"] * len(x)
-    labels += [f"vector {i}" for i in range(len(x))]
-    points = np.concatenate(parts)
-    if method == "pca":
-        proj = fit_pca(np.concatenate([v for _, v, _ in clouds]), seed=seed)
-        xy, axes = proj.transform(points), proj.axis_labels()
-    else:
-        keep = np.arange(len(points) - len(x), len(points))
-        res = tsne(points, max_points=min(len(points), 5000), seed=seed, keep=keep)
-        xy = np.full((len(points), 2), np.nan, dtype=np.float32)
-        xy[res.index] = res.coords
-        axes = ["t-SNE 1", "t-SNE 2"]
-    frame = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "group": groups, "label": labels,
-                          "norm": np.linalg.norm(points, axis=1)}).dropna(subset=["x"])
-    ref_rows = frame["group"] != "sample"
-    note = outlier_note(robust_mask(frame.loc[ref_rows, ["x", "y"]].to_numpy()), "reference points")
-    return PriorView(frame.reset_index(drop=True), axes, note)
+    groups = {name: vectors for name, vectors, _ in clouds} | {"sample": x}
+    meta = {name: pd.DataFrame({"label": texts, "norm": np.linalg.norm(vectors, axis=1)})
+            for name, vectors, texts in clouds}
+    meta["sample"] = pd.DataFrame({"label": [f"vector {i}" for i in range(len(x))],
+                                   "norm": np.linalg.norm(x, axis=1)})
+    reference = clouds[0][0]
+    if method == "pca" and len(clouds) > 1:  # several clouds (interpolation): axes of their union
+        union = np.concatenate([v for _, v, _ in clouds])
+        massive = massive_rows(union)
+        reference = fit_pca(union[~massive] if (~massive).sum() >= 3 else union, seed=seed)
+    per_cloud = max_reference if method == "pca" else min(max_reference, 1000)
+    return project_groups(groups, meta=meta, method=method, reference=reference if method == "pca" else None,
+                          max_points=per_cloud * len(clouds) + len(x), keep_groups=("sample",), seed=seed)
