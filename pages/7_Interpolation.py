@@ -65,17 +65,22 @@ if stored is not None and not stored.empty:
     gallery = stored[stored["layer"] == layer].assign(source="precomputed")
     positions = positions[~positions["run"].isin(gallery["run"])]
     positions = pd.concat([positions, gallery[["run", "kind", "vector", "position", "source"]]], ignore_index=True)
-positions = positions.assign(kind=positions["kind"].map({"prior": "prior (before training)",
-                                                         "posterior": "posterior (trained)"}))
-hist = alt.Chart(positions).mark_bar(opacity=0.6).encode(
-    x=alt.X("position", bin=alt.Bin(maxbins=40), title="projection on the C4 (0) to MATH (1) axis"),
-    y=alt.Y("count()", stack=None, title="vectors"), color=alt.Color("kind", title="distribution"),
-    tooltip=["kind", alt.Tooltip("count()", title="vectors")])
+fresh = positions["run"] == "interpolation prior sample"
+positions = positions.assign(distribution=positions["kind"].map(
+    {"prior": "runs' prior sample (step 0)", "posterior": "trained (posterior)"}).where(
+    ~fresh, "fresh interpolation prior sample"))
+hist = alt.Chart(positions).transform_joinaggregate(total="count()", groupby=["distribution"]).transform_calculate(
+    share="1 / datum.total").mark_bar(opacity=0.55).encode(
+    x=alt.X("position:Q", bin=alt.Bin(maxbins=40), title="projection on the C4 (0) to MATH (1) axis"),
+    y=alt.Y("sum(share):Q", stack=None, title="share of the distribution's vectors", axis=alt.Axis(format="%")),
+    color=alt.Color("distribution:N", title="distribution"),
+    tooltip=["distribution:N", alt.Tooltip("count():Q", title="vectors"),
+             alt.Tooltip("sum(share):Q", title="share", format=".1%")])
 ends = alt.Chart(alt.Data(values=[{"at": 0.0, "mean": "C4 mean"}, {"at": 1.0, "mean": "MATH mean"}])).mark_rule(
     strokeDash=[4, 3], color="black").encode(x="at:Q", tooltip=["mean:N"])
 st.altair_chart((hist + ends).properties(
     title=f"Prior vs posterior positions on the MATH-C4 axis at layer {layer}", height=300), width="stretch")
-post = positions[positions["kind"] == "posterior (trained)"]["position"]
+post = positions[positions["kind"] == "posterior"]["position"]
 if len(post):
     inside = float(((post > 0) & (post < 1)).mean())
     st.markdown(f"**{inside:.0%}** of {len(post)} trained vectors project between the C4 and MATH means "
