@@ -47,6 +47,23 @@ def cached_prior(fingerprint: str, params_json: str, _progress=None):  # noqa: A
     return make_prior(params.pop("name"), lm=ui_state.current_model(), progress=_progress, **params)
 
 
+@st.cache_data(max_entries=12, show_spinner="Sampling, nearest tokens and Mahalanobis distances ...")
+def sampled(fingerprint: str, params_json: str, n: int):  # noqa: ANN201
+    # The sample is fixed by the options (their seed) and n, so reruns (a button click) reuse it.
+    prior = cached_prior(fingerprint, params_json)
+    sample = prior.sample(n)
+    stats = dict(prior.last_stats)
+    table, summary = sample_report(ui_state.current_model(), prior, sample[:TABLE_ROWS])
+    return sample, stats, table, summary
+
+
+@st.cache_data(max_entries=12, show_spinner="Projecting (t-SNE takes a while the first time) ...")
+def projected(fingerprint: str, params_json: str, n: int, method: str):  # noqa: ANN201
+    sample = sampled(fingerprint, params_json, n)[0]
+    return prior_view(ui_state.current_model(), cached_prior(fingerprint, params_json), sample,
+                      max_reference=1000 if method == "tsne" else 3000, method=method)
+
+
 name = st.selectbox("Prior", PRIOR_NAMES, key="prior_lab_name",
                     format_func=lambda n: f"{n}: {REGISTRY[n].summary}")
 with st.expander("Options", expanded=True):
@@ -61,10 +78,11 @@ view = right.radio("View", ["PCA", "t-SNE"], horizontal=True, key="prior_lab_vie
                    help="PCA axes are fitted on the reference cloud; t-SNE embeds a subsample and the sample jointly.")
 
 bar = st.empty()
+params_json = json.dumps({"name": name, **options})
 try:
-    prior = cached_prior(lm.fingerprint, json.dumps({"name": name, **options}),
+    prior = cached_prior(lm.fingerprint, params_json,
                          lambda f: bar.progress(min(1.0, f), text="Computing dataset activations (cached after) ..."))
-    sample = prior.sample(int(n))
+    sample, stats, table, summary = sampled(lm.fingerprint, params_json, int(n))
 except (ValueError, SamplingError) as exc:
     st.info(f"These options do not work: {exc}")
     st.stop()
@@ -74,8 +92,6 @@ st.markdown(f"**{prior.describe()}**")
 datasets = [v for k, v in options.items() if k.startswith("source") and v != "tokens"]
 if datasets:
     st.caption("Data: " + "; ".join(dataset_label(d) for d in dict.fromkeys(datasets)))
-with st.spinner("Nearest tokens and Mahalanobis distances ..."):
-    table, summary = sample_report(lm, prior, sample[:TABLE_ROWS])
 metrics = st.columns(4)
 metrics[0].metric("Median nearest-token cosine", f"{summary['median_nearest_cos']:.3f}")
 maha = next(k for k in summary if k.startswith("median_mahalanobis"))
@@ -83,16 +99,14 @@ metrics[1].metric("Median Mahalanobis", f"{summary[maha]:.1f}",
                   help=f"Under the Gaussian fit of {summary[maha.removeprefix('median_') + '_fit']}; "
                        f"a typical point of the fit sits near sqrt(d) = {lm.hidden_size ** 0.5:.0f}.")
 metrics[2].metric("Median norm / vocabulary norm", f"{summary['median_norm_ratio']:.2f}")
-rate = prior.last_stats.get("acceptance_rate")
+rate = stats.get("acceptance_rate")
 metrics[3].metric("Acceptance rate", "n/a" if rate is None else f"{rate:.2%}",
-                  help=None if rate is None else f"{prior.last_stats['candidates']:,} candidates for {n} samples")
+                  help=None if rate is None else f"{stats['candidates']:,} candidates for {n} samples")
 if getattr(prior, "diagnostics", None):
     st.caption("VAE diagnostics: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
                                                for k, v in prior.diagnostics.items() if k != "kl_per_dim"))
 
-method = "tsne" if view == "t-SNE" else "pca"
-with st.spinner("t-SNE of the sample and a reference subsample (cached) ..." if method == "tsne" else "Projecting ..."):
-    pv = prior_view(lm, prior, sample, max_reference=1000 if method == "tsne" else 3000, method=method)
+pv = projected(lm.fingerprint, params_json, int(n), "tsne" if view == "t-SNE" else "pca")
 chart = alt.Chart(pv.frame, title=f"{name} sample over the reference cloud ({view})").mark_circle().encode(
     x=alt.X("x:Q", title=pv.x_label),
     y=alt.Y("y:Q", title=pv.y_label),
