@@ -249,7 +249,8 @@ def fit_key(
     return f"gauss/v{FORMAT_VERSION}/{lm.fingerprint}/{cloud}/cov={covariance},shrinkage={shrink}"
 
 
-def _disk():
+def disk_cache():  # noqa: ANN201 - diskcache.Cache
+    """The priors' disk cache (fits, trained VAEs) under cache_subdir("priors"), least recently used out first."""
     import diskcache
 
     limit = int(float(os.environ.get("PRIOR_LAB_PRIOR_CACHE_GB", "1")) * 2**30)
@@ -282,7 +283,7 @@ def fitted_gaussian(
         _MEMORY.move_to_end(key)
         return _MEMORY[key]
     fit = None
-    with _disk() as disk:
+    with disk_cache() as disk:
         if not refresh:
             try:
                 blob = disk.get(key, default=None, retry=True)

@@ -24,7 +24,7 @@ from torch import nn
 
 from core.models import LoadedModel
 from core.priors.base import Prior, ReferenceConfig, option, register, resolve_layer
-from core.priors.fit import FORMAT_VERSION, MAX_LENGTH, ProgressFn, _disk, reference_cloud
+from core.priors.fit import FORMAT_VERSION, MAX_LENGTH, ProgressFn, disk_cache, reference_cloud
 
 _ACTIVE_VAR = 0.01
 
@@ -177,7 +177,7 @@ class VaePrior(Prior):
     @staticmethod
     def _cached(lm: LoadedModel, config: VaeConfig, progress: ProgressFn | None) -> tuple[Vae, dict]:
         key = _vae_key(lm, config)
-        with _disk() as disk:
+        with disk_cache() as disk:
             blob = disk.get(key, default=None, retry=True)
             if blob is not None:
                 try:
