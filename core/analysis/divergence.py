@@ -214,9 +214,8 @@ def _compute_reference_knn(vectors: np.ndarray, k: int, progress: Callable[[floa
     ref = torch.from_numpy(vectors)
     ref_sq = (ref * ref).sum(1)
     norms = ref_sq.sqrt()
-    unit = ref / norms[:, None].clamp_min(1e-12)
-    aug_a = torch.cat([ref, torch.ones(len(ref), 1)], 1)  # [V, d+1] = [t, 1]
-    aug_b = torch.cat([-ref, ref_sq[:, None] / 2], 1)  # [V, d+1] = [-j, |j|^2 / 2]
+    inv_norm = 1.0 / norms.clamp_min(1e-12)
+    half_sq = ref_sq / 2
     n = len(ref)
     nn1, knn, nn_cos = (np.empty(n, dtype=np.float32) for _ in range(3))
     step = _chunk_rows(n)
@@ -224,14 +223,15 @@ def _compute_reference_knn(vectors: np.ndarray, k: int, progress: Callable[[floa
         for start in range(0, n, step):
             stop = min(n, start + step)
             rows = torch.arange(stop - start)
-            # In-place passes over the [chunk, V] block: on 2 cores memory traffic, not the product, is the cost.
-            cos = unit[start:stop] @ unit.T
-            cos[rows, rows + start] = -2.0  # self excluded by index: duplicate tokens are real neighbours
-            nn_cos[start:stop] = cos.max(1).values.numpy()
-            del cos
-            # |t - j|^2 = |t|^2 + 2 (|j|^2 / 2 - t.j): the bracket is one product of augmented matrices, so
-            # the k smallest come from a single [chunk, V] block and |t|^2 is added to k values only.
-            half = aug_a[start:stop] @ aug_b.T
+            # One product per block; cosines and distances both derive from it with cheap elementwise passes.
+            dot = ref[start:stop] @ ref.T  # [chunk, V]
+            scaled = dot * inv_norm[None, :]
+            scaled[rows, rows + start] = -float("inf")  # self excluded by index: duplicate tokens are real neighbours
+            # max_j cos(t, j) = max_j (t.j / |j|) / |t|: the row's own norm factors out of the max
+            nn_cos[start:stop] = (scaled.max(1).values * inv_norm[start:stop]).numpy()
+            del scaled
+            # |t - j|^2 = |t|^2 + 2 (|j|^2 / 2 - t.j): the k smallest brackets give the k nearest
+            half = dot.neg_().add_(half_sq[None, :])
             half[rows, rows + start] = float("inf")
             near = torch.topk(half, k, dim=1, largest=False).values  # [chunk, k], ascending
             near = near.mul_(2.0).add_(ref_sq[start:stop, None]).clamp_min_(0.0).sqrt_()
