@@ -29,10 +29,10 @@ def _not_measured(key: str, claim: str, page: str, chart: str, why: str) -> dict
 def trajectory_finding(traj: dict | None) -> dict:
     claim = ("Sentences jump around the token-embedding space: the spread of their step lengths is statistically "
              "lower than that of random walks over the vocabulary, though close.")
-    if not traj or "layer_0" not in traj:
+    if not traj or "token_layer" not in traj:
         return _not_measured("trajectory", claim, "Embedding space", "trajectory over the token cloud",
                              "no trajectory table")
-    t = traj["layer_0"]
+    t = traj["token_layer"]
     ratio = t["real_mean_step"] / t["random_mean_step"]
     lower = t["std_p_value"] < 0.05
     close = 0.7 < ratio < 1.3

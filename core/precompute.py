@@ -55,6 +55,7 @@ class Budget:
     math_batch: int
     qa_batch: int
     eval_n: int
+    n_train: int
     n_val: int
     snapshot_every: int
     transfer_n: int
@@ -65,10 +66,10 @@ class Budget:
 
 
 FULL = Budget(sep_docs=48, sep_layers=None, traj_texts=200, math_steps=60, qa_steps=40, math_batch=8, qa_batch=4,
-              eval_n=24, n_val=32, snapshot_every=10, transfer_n=24, seeds_extra=True, soft_priors=SOFT_PRIORS,
-              deep_priors=DEEP_PRIORS, datasets=("math", "squad"))
-QUICK = Budget(sep_docs=8, sep_layers=(0, 15, 30), traj_texts=12, math_steps=3, qa_steps=2, math_batch=2, qa_batch=1,
-               eval_n=2, n_val=2, snapshot_every=1, transfer_n=2, seeds_extra=False,
+              eval_n=24, n_train=1000, n_val=32, snapshot_every=10, transfer_n=24, seeds_extra=True,
+              soft_priors=SOFT_PRIORS, deep_priors=DEEP_PRIORS, datasets=("math", "squad"))
+QUICK = Budget(sep_docs=8, sep_layers=None, traj_texts=12, math_steps=3, qa_steps=2, math_batch=2, qa_batch=1,
+               eval_n=2, n_train=8, n_val=2, snapshot_every=1, transfer_n=2, seeds_extra=False,
                soft_priors=("gaussian", "fitted"), deep_priors=("gaussian",), datasets=("math", "squad"))
 
 
@@ -173,9 +174,9 @@ class Precompute:
 
         texts = [t.split(". ")[0] for t in example_texts("c4", self.budget.traj_texts, seed=0)]
         out = {}
-        for layer in (0, self.lm.num_layers):
+        for key, layer in (("token_layer", 0), ("last_layer", self.lm.num_layers)):
             test = trajectory_test(self.lm, texts, layer=layer, seed=0)
-            out[f"layer_{layer}"] = {k: (float(v) if isinstance(v, int | float | np.floating) else v)
+            out[key] = {k: (float(v) if isinstance(v, int | float | np.floating) else v)
                                      for k, v in test.__dict__.items()}
         self.store.save_json("trajectory", out)
 
@@ -220,7 +221,7 @@ class Precompute:
                 prior_params=gallery_prior_params(spec["method"], spec["prior"]), seed=spec["seed"], lr=3e-3,
                 steps=self.budget.math_steps if is_math else self.budget.qa_steps,
                 batch_size=self.budget.math_batch if is_math else self.budget.qa_batch,
-                n_val=self.budget.n_val,
+                n_train=self.budget.n_train, n_val=self.budget.n_val,
                 val_every=max(1, self.budget.snapshot_every // (2 if is_math else 1)),  # QA validation is costly
                 snapshot_every=self.budget.snapshot_every, eval_n=self.budget.eval_n,
                 max_length=320 if is_math else 256,
