@@ -60,17 +60,22 @@ st.altair_chart(alt.Chart(curves[curves["kind"] == kind]).mark_line(point=kind =
 ).properties(title=f"{kind.capitalize()} loss of each run", height=320).interactive(), width="stretch")
 
 st.subheader("The paper's claims on this model")
-value = st.selectbox("Quality measure", ["final_val_loss", "best_val_loss", "metric_value"], key="runs_value")
-spread = rc.prior_spread(table, value)
-st.altair_chart(alt.Chart(table.dropna(subset=[value])).mark_point(filled=True, size=80).encode(
-    x=alt.X("prior", title="prior"), y=alt.Y(value, title=value.replace("_", " "), scale=alt.Scale(zero=False)),
-    color=alt.Color("dataset", title="dataset"), shape=alt.Shape("method", title="method"),
-    tooltip=["run", "prior", "seed", alt.Tooltip(value, format=".4f")],
-).properties(title=f"{value.replace('_', ' ')} per prior (one point per run)", height=300), width="stretch")
-st.dataframe(spread, width="stretch", hide_index=True)
-st.markdown("**Does the final quality differ across priors?** " + rc.prior_significance(table, value)["statement"])
+value = st.selectbox("Quality measure", ["final_val_loss", "best_val_loss", "metric_value"], key="runs_value",
+                     help="metric_value: accuracy (MATH) or F1 (QA) on held-out examples, where the run measured it.")
+scored = table.assign(**{value: pd.to_numeric(table[value], errors="coerce")}).dropna(subset=[value])
+if scored.empty:
+    st.info(f"No chosen run has a {value}: runs trained with `--eval-n 0` measure no task metric.")
+else:
+    st.altair_chart(alt.Chart(scored).mark_point(filled=True, size=80).encode(
+        x=alt.X("prior", title="prior"), y=alt.Y(value, title=value.replace("_", " "), scale=alt.Scale(zero=False)),
+        color=alt.Color("dataset", title="dataset"), shape=alt.Shape("method", title="method"),
+        tooltip=["run", "prior", "seed", alt.Tooltip(value, format=".4f")],
+    ).properties(title=f"{value.replace('_', ' ')} per prior (one point per run)", height=300), width="stretch")
+    st.dataframe(rc.prior_spread(scored, value), width="stretch", hide_index=True)
+    st.markdown("**Does the final quality differ across priors?** " + rc.prior_significance(scored, value)["statement"])
 
-speed = rc.divergence_vs_speed(table)
+speed_lines = [f"{method}/{dataset}: " + rc.divergence_vs_speed(group)["statement"]
+               for (method, dataset), group in table.groupby(["method", "dataset"])]
 st.altair_chart(alt.Chart(table.dropna(subset=["init_manifold_ratio", "steps_to_loss"])).mark_point(
     filled=True, size=80).encode(
     x=alt.X("init_manifold_ratio", title="initial distance to the token manifold (x median k-NN)"),
@@ -78,7 +83,7 @@ st.altair_chart(alt.Chart(table.dropna(subset=["init_manifold_ratio", "steps_to_
     shape=alt.Shape("dataset", title="dataset"),
     tooltip=["run", "prior", "seed", "steps_to_loss", alt.Tooltip("init_manifold_ratio", format=".2f")],
 ).properties(title="Do diverged priors take longer to reach the same loss?", height=300), width="stretch")
-st.markdown("**Do diverged priors take longer?** " + speed["statement"])
+st.markdown("**Do diverged priors take longer?** " + " ".join(speed_lines))
 
 st.subheader("Prompt transfer across tasks")
 store = ArtifactStore()
