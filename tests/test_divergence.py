@@ -171,6 +171,14 @@ def test_real_vocabulary_readout_and_gaussian_init(real_lm, monkeypatch):
     assert report.per_vector["nearest"].iloc[0] == " temper"
     assert report.summary["collapse_score"] == 1.0
     init = torch.randn(20, real_lm.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.02
+    from core.priors import fitted_gaussian
+
+    fit = fitted_gaussian(real_lm)
+    far = real_lm.input_embeddings()[[tid]] * 8.0
+    pair = dv.divergence(torch.cat([real_lm.input_embeddings()[[tid]], far]), ref, gaussian=fit).per_vector
+    assert pair["mahalanobis"].iloc[0] < pair["mahalanobis"].iloc[1]
+    assert pair["manifold_ratio"].iloc[0] < 1.5 < pair["manifold_ratio"].iloc[1]
+    assert list(pair["collapsed"]) == [True, False]
     gauss = dv.divergence(init, ref)
     # A small isotropic sample points nowhere in particular: low cosine to every token.
     assert gauss.summary["median_nearest_cos"] < 0.3
