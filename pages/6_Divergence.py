@@ -1,5 +1,7 @@
 """Divergence: where trained prompts go relative to the model's own embeddings (paper Figures 6-8, 10, 11)."""
 
+from pathlib import Path
+
 import altair as alt
 import pandas as pd
 import streamlit as st
@@ -17,8 +19,9 @@ MEASURES = {"collapse_score": "collapse score (Euclidean)", "collapse_score_cos"
 
 
 @st.cache_data(show_spinner="Measuring divergence of every snapshot ...", max_entries=16)
-def divergence_view(fingerprint: str, paths: tuple[str, ...], tensor: str, mahalanobis: bool) -> rc.DivergenceView:
-    # fingerprint is the cache key of the model (weights and precision); the model itself comes from ui_state.
+def divergence_view(fingerprint: str, paths: tuple[str, ...], tensor: str, mahalanobis: bool,
+                    stamps: tuple[float, ...]) -> rc.DivergenceView:
+    # fingerprint keys the model (weights and precision), stamps the runs' last save; the model comes from ui_state.
     return rc.divergence_view(ui_state.current_model(), list(paths), tensor, with_mahalanobis=mahalanobis)
 
 
@@ -50,7 +53,8 @@ tensor = c1.selectbox("Prompt tensor", tensors, key="div_tensor",
                            "decoder block l receives, on the run's own dataset.")
 mahalanobis = c2.toggle("Mahalanobis distance", value=True, key="div_maha",
                         help="Under the Gaussian fitted to the reference (Ledoit-Wolf shrinkage), fitted once.")
-view = divergence_view(lm.fingerprint, paths, tensor, mahalanobis)
+stamps = tuple((Path(p) / "run.json").stat().st_mtime for p in paths)
+view = divergence_view(lm.fingerprint, paths, tensor, mahalanobis, stamps)
 
 steps = sorted(view.paths["step"].unique().tolist())
 c1, c2 = st.columns([3, 1])

@@ -17,13 +17,14 @@ SHOWN = ["run", "origin", "method", "dataset", "prior", "lr", "seed", "steps_to_
 
 
 @st.cache_data(show_spinner="Reading runs and measuring their divergence ...", max_entries=16)
-def run_table(fingerprint: str, paths: tuple[tuple[str, str], ...], target: float | None) -> pd.DataFrame:
-    # fingerprint keys the cache by model; paths carry (origin, path); the stored table spares recomputing.
+def run_table(fingerprint: str, paths: tuple[tuple[str, str, float], ...], target: float | None) -> pd.DataFrame:
+    # fingerprint keys the cache by model; paths carry (origin, path, run.json mtime) so a run still training
+    # is re-read when it saves; the stored table spares recomputing divergence of the gallery.
     from core.runs import run_info
 
     store = ArtifactStore()
     stored = store.load_table("runs") if store.status(fingerprint)[0] else None
-    entries = [rc.RunEntry(run_info(p), origin) for origin, p in paths]
+    entries = [rc.RunEntry(run_info(p), origin) for origin, p, _ in paths]
     return rc.runs_table(ui_state.current_model(), entries, "auto" if target is None else target, stored=stored)
 
 
@@ -47,7 +48,8 @@ auto = st.toggle("Target loss: per method and dataset, the loss every run reache
                  help="Steps to loss counts the first validation step at or below the target.")
 target = None if auto else st.number_input("Target validation loss", min_value=0.0, value=1.0, step=0.05,
                                            key="runs_target")
-table = run_table(lm.fingerprint, tuple((labels[c].origin, str(labels[c].path)) for c in chosen), target)
+table = run_table(lm.fingerprint, tuple((labels[c].origin, str(labels[c].path), (labels[c].path / "run.json")
+                                         .stat().st_mtime) for c in chosen), target)
 st.dataframe(table[SHOWN], width="stretch", hide_index=True)
 st.caption("Collapse and drift describe each run's soft prompt against the token embeddings (see *Divergence*). "
            "metric: the task metric on held-out examples with the prompt, beside the no-prompt baseline.")
