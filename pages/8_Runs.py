@@ -99,7 +99,9 @@ if transfer is None:
             lm, [labels[c].path for c in chosen], n=16, progress=lambda f: bar.progress(f, text="scoring prompts ..."))
     transfer = st.session_state["runs_transfer"]
 if transfer is None:
-    st.info(f"No transfer table yet. {note} Or press the button above to score the chosen runs live.")
+    why = ("the precomputed artifacts hold none yet (`python -m core precompute --only transfer` builds it)"
+           if usable else note)
+    st.info(f"No transfer table yet: {why}. Or press the button above to score the chosen runs live.")
     st.stop()
 st.altair_chart(alt.Chart(transfer).mark_rect().encode(
     x=alt.X("evaluated_on:N", title="evaluated on"), y=alt.Y("run:N", title="prompt trained in run"),
