@@ -76,14 +76,18 @@ def collapse_finding(runs: pd.DataFrame | None) -> dict:
     if runs is None or runs.empty:
         return _not_measured("collapse", claim, "Divergence", "prior, path and posterior on the same PCA axes",
                              "no runs")
-    soft = _soft_math(runs).groupby("prior")[["collapse_score", "median_manifold_ratio", "mean_drift_l2"]].mean()
+    cols = ["collapse_score", "collapse_score_cos", "median_manifold_ratio", "median_nearest_cos", "mean_drift_l2"]
+    soft = _soft_math(runs).groupby("prior")[cols].mean()
     spread = float(soft["median_manifold_ratio"].max() / max(soft["median_manifold_ratio"].min(), 1e-9))
-    all_collapsed = bool((soft["collapse_score"] >= 0.9).all())
+    # The angular score: short vectors near the centre are 'closer to a token than its neighbour' in
+    # Euclidean terms without pointing at any token, so the Euclidean score alone would overstate collapse.
+    all_collapsed = bool((soft["collapse_score_cos"] >= 0.9).all())
     verdict = "does not agree" if all_collapsed else ("agrees" if spread > 2 else "partly")
-    measured = "; ".join(f"{p}: collapse {r.collapse_score:.2f}, manifold distance x{r.median_manifold_ratio:.1f}, "
-                         f"drift {r.mean_drift_l2:.3f}" for p, r in soft.iterrows())
+    measured = "; ".join(f"{p}: collapse {r.collapse_score_cos:.2f} by angle ({r.collapse_score:.2f} by distance), "
+                         f"nearest-token cosine {r.median_nearest_cos:.2f}, manifold distance "
+                         f"x{r.median_manifold_ratio:.1f}, drift {r.mean_drift_l2:.3f}" for p, r in soft.iterrows())
     return _finding("collapse", claim, "Divergence", "prior, path and posterior on the same PCA axes", measured,
-                    verdict, "agrees when not every prior's posterior collapses (score < 0.9 for some) and the "
+                    verdict, "agrees when not every prior's posterior collapses (angular score < 0.9 for some) and the "
                     "posteriors' distances to the token manifold differ over 2x across priors",
                     {"per_prior": soft.reset_index().to_dict(orient="records")})
 

@@ -10,11 +10,13 @@ Tasks, in order:
     trajectory     sentence step lengths vs random walks, token and last layer (tables/trajectory.json)
     token_pca      PCA of the token embeddings: axes and 2-D coordinates of every token (arrays/token_pca)
     fitted         fitted Gaussian of the token embeddings: mean, shrunk covariance (arrays/fitted_tokens)
+    reference_knn  the vocabulary's own k-NN distances, for divergence measures (arrays/, ~0.8 MB)
     vae            the VAE prior's diagnostics on SQuAD activations (tables/vae.json)
     gallery        trained runs per prior (runs/<method>-<dataset>-<prior>-s<seed>/)
     runs_table     the run comparison table over the gallery (tables/runs.csv)
     transfer       every gallery soft prompt evaluated on MATH and QA (tables/transfer.csv)
     interpolation  MATH-C4 axis positions of interpolation priors and posteriors (tables/interpolation.csv)
+    interpolation_view  the Interpolation page's view at the last block's input (tables/interpolation_view_l*)
     findings       the paper's findings against this model's numbers (tables/findings.json)
 """
 
@@ -200,6 +202,11 @@ class Precompute:
             "cov": np.asarray(fit.cov, dtype=np.float16),
         }, metadata={"describe": getattr(fit, "describe", lambda: "fitted Gaussian of token embeddings")()})
 
+    def task_reference_knn(self) -> None:
+        from core.analysis.divergence import save_reference_knn_artifact
+
+        save_reference_knn_artifact(self.lm, self.store)
+
     def task_vae(self) -> None:
         from core.priors import make_prior
 
@@ -263,13 +270,19 @@ class Precompute:
         deep = [p for p in self._gallery_paths() if p.name.startswith("deep-")]
         self.store.save_table("interpolation", interpolation_positions(self.lm, deep))
 
+    def task_interpolation_view(self) -> None:
+        from core.analysis.runs_compare import save_interpolation_view
+
+        deep = [p for p in self._gallery_paths() if p.name.startswith("deep-")]
+        save_interpolation_view(self.store, self.lm, self.lm.num_layers - 1, deep)
+
     def task_findings(self) -> None:
         from core.findings import compute_findings
 
         self.store.save_json("findings", compute_findings(self.store, self.lm))
 
-    TASKS = ("separation", "trajectory", "token_pca", "fitted", "vae", "gallery", "runs_table", "transfer",
-             "interpolation", "findings")
+    TASKS = ("separation", "trajectory", "token_pca", "fitted", "reference_knn", "vae", "gallery", "runs_table",
+             "transfer", "interpolation", "interpolation_view", "findings")
 
     def run(self, only: list[str] | None = None, force: list[str] | None = None) -> None:
         self._check_manifest()
