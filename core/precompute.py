@@ -8,7 +8,8 @@ build resumes where it stopped. `--quick` shrinks every budget (for tests).
 Tasks, in order:
     separation     per-layer separation of C4 / SQuAD / MATH document means (tables/separation.csv)
     trajectory     sentence step lengths vs random walks, token and last layer (tables/trajectory.json)
-    token_pca      PCA of the token embeddings: axes and 2-D coordinates of every token (arrays/token_pca)
+    token_pca      PCA axes of the token embeddings, keyed by content, used by every view of the token cloud
+                   (tables/projections.json)
     fitted         fitted Gaussian of the token embeddings: mean, shrunk covariance (arrays/fitted_tokens)
     reference_knn  the vocabulary's own k-NN distances, for divergence measures (arrays/, ~0.8 MB)
     vae            the VAE prior's diagnostics on SQuAD activations (tables/vae.json)
@@ -183,15 +184,10 @@ class Precompute:
         self.store.save_json("trajectory", out)
 
     def task_token_pca(self) -> None:
-        from core.analysis.projections import fit_pca
+        from core.analysis.projections import PCA_ARTIFACT, fit_pca, pca_cache_key
 
         emb = self.lm.input_embeddings().numpy()
-        proj = fit_pca(emb, n_components=2, seed=0)
-        coords = proj.transform(emb).astype(np.float16)
-        arrays = {"coords": coords}
-        arrays |= {f"pca.{k}": np.asarray(v, dtype=np.float32) for k, v in proj.to_dict().items()
-                   if isinstance(v, list | np.ndarray)}
-        self.store.save_arrays("token_pca", arrays)
+        self.store.save_json(PCA_ARTIFACT, {pca_cache_key(emb): fit_pca(emb).to_dict()})
 
     def task_fitted(self) -> None:
         from core.priors import fitted_gaussian

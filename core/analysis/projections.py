@@ -120,8 +120,25 @@ def fit_pca(reference: np.ndarray, n_components: int = 2, seed: int = 0) -> Proj
 
     if ref.shape[0] <= 20000:
         return decode(compute())
-    key = f"pca/{array_digest(ref)}/k={n_components}/seed={seed}"
-    return cached_bytes(key, compute, decode, cache="projections")
+    key = pca_cache_key(ref, n_components, seed)
+
+    def stored_or_compute() -> bytes:
+        # `python -m core precompute` commits the fits of large clouds (the vocabulary) under their
+        # content key, so a fresh clone skips the fit; any other cloud is fitted here.
+        from core.artifacts import ArtifactStore
+
+        stored = (ArtifactStore().load_json(PCA_ARTIFACT) or {}).get(key)
+        return json.dumps(stored).encode() if stored else compute()
+
+    return cached_bytes(key, stored_or_compute, decode, cache="projections")
+
+
+PCA_ARTIFACT = "projections"  # tables/projections.json: {content key: Projection.to_dict()}
+
+
+def pca_cache_key(reference: np.ndarray, n_components: int = 2, seed: int = 0) -> str:
+    """Content key of a PCA fit: the same cloud, width and seed give the same axes."""
+    return f"pca/{array_digest(np.asarray(reference, dtype=np.float32))}/k={n_components}/seed={seed}"
 
 
 def massive_rows(x: np.ndarray, factor: float = MASSIVE_FACTOR) -> np.ndarray:
