@@ -9,7 +9,8 @@ bf16 compute and the same thread count:
   the answer, `model(input_ids, attention_mask, labels).loss.backward()` under `torch.autocast("cpu", bfloat16)`.
 - ours: `core.tuning` (bf16 weights made once, batches bucketed by length, logits only at answer positions).
 Each round passes every example once per method and dataset, interleaved (PEFT, ours, PEFT, ours ...); the first
-round is a warm-up. Tokens are real (non-pad) tokens, identical for both. Peak memory is the RSS high-water mark
+round is a warm-up, and tokens/s is the median over the measured rounds. Tokens are real (non-pad) tokens,
+identical for both. Peak memory is the RSS high-water mark
 (VmHWM) of a fresh child process per method running the same examples, so neither pays for the other's state.
 The ceiling line divides our useful FLOP rate (4·N·tokens for the forward and the backward to activations, N the
 non-embedding parameters, with the 20 virtual tokens counted as tokens, plus 4·d·V per answer token for the head)
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -41,12 +43,13 @@ def vm_hwm_mb() -> float:
     return float("nan")
 
 
-def load_sets(lm, n: int, qa_max: int) -> dict[str, list]:
+def load_sets(lm, n: int, qa_max: int, n_qa: int = 0) -> dict[str, list]:
     from core.data import fit_to_length, load_examples
 
     math_ex = load_examples("math", split="train", n=n, seed=1)
     # QuAC passages run 350-1900 tokens; passages past qa_max are cut around the answer (core.data.fit_to_length)
-    qa_ex = [fit_to_length(ex, lm.tokenizer, qa_max - 2) for ex in load_examples("squad", split="train", n=n, seed=1)]
+    qa_ex = [fit_to_length(ex, lm.tokenizer, qa_max - 2)
+             for ex in load_examples("squad", split="train", n=n_qa or n, seed=1)]
     return {"math": math_ex, "qa": qa_ex}
 
 
@@ -147,7 +150,7 @@ def child(method: str, args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     lm = load_model(device="cpu")
-    sets = load_sets(lm, args.n, args.qa_max_tokens)
+    sets = load_sets(lm, args.n, args.qa_max_tokens, args.n_qa)
     base = vm_hwm_mb()
     for examples in sets.values():
         make_runner(method, lm, examples, args.batch_size).one_pass()
@@ -160,6 +163,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--n", type=int, default=16, help="examples per dataset")
+    parser.add_argument("--n-qa", type=int, default=0, help="QA examples (0: same as --n)")
     parser.add_argument("--qa-max-tokens", type=int, default=640, help="QA examples longer than this are cut")
     parser.add_argument("--compile", action="store_true", help="also measure ours with torch.compile'd layers")
     parser.add_argument("--child", choices=["ours", "peft", "ours_compiled"], help=argparse.SUPPRESS)
@@ -171,7 +175,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     lm = load_model(device="cpu")
-    sets = load_sets(lm, args.n, args.qa_max_tokens)
+    sets = load_sets(lm, args.n, args.qa_max_tokens, args.n_qa)
     params = {id(p): p for p in lm.model.parameters()}
     n_nonembed = sum(p.numel() for p in params.values()) - lm.model.get_input_embeddings().weight.numel()
     d, vocab = lm.hidden_size, lm.model.config.vocab_size
@@ -184,6 +188,7 @@ def main() -> int:
         print(f"{name}: lengths min {lengths[0]} median {lengths[len(lengths) // 2]} max {lengths[-1]}")
         runners[name] = {m: make_runner(m, lm, examples, args.batch_size) for m in methods}
     totals = {(s, m): [0, 0.0, 0] for s in sets for m in methods}
+    rates: dict[tuple[str, str], list[float]] = {(s, m): [] for s in sets for m in methods}
     flops = {m: 0.0 for m in methods}
     for rnd in range(args.rounds + 1):
         for name in sets:
@@ -194,6 +199,7 @@ def main() -> int:
                 print(f"round {rnd} {name:4s} {method:13s} {tokens / elapsed:7.1f} tokens/s ({elapsed:.1f} s)",
                       flush=True)
                 if rnd > 0:
+                    rates[(name, method)].append(tokens / elapsed)
                     t = totals[(name, method)]
                     t[0], t[1], t[2] = t[0] + tokens, t[1] + elapsed, t[2] + 1
                     flops[method] += 4 * n_nonembed * (tokens + N_VIRTUAL * rows) + 4 * d * vocab * answers
@@ -201,8 +207,8 @@ def main() -> int:
     mem = {}
     for method in methods:
         out = subprocess.run([sys.executable, __file__, "--child", method, "--threads", str(args.threads),
-                              "--batch-size", str(args.batch_size), "--n", str(args.n), "--qa-max-tokens",
-                              str(args.qa_max_tokens)], capture_output=True,
+                              "--batch-size", str(args.batch_size), "--n", str(args.n), "--n-qa", str(args.n_qa),
+                              "--qa-max-tokens", str(args.qa_max_tokens)], capture_output=True,
                              text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         line = [x for x in out.stdout.splitlines() if x.startswith("{")]
         if not line:
@@ -217,8 +223,8 @@ def main() -> int:
     for ours_name in methods[1:]:
         tag = "" if ours_name == "ours" else "_compiled"
         for name in sets:
-            ours = totals[(name, ours_name)][0] / totals[(name, ours_name)][1]
-            theirs = totals[(name, "peft")][0] / totals[(name, "peft")][1]
+            # median over rounds: one round slowed by another process on this shared machine does not decide it
+            ours, theirs = statistics.median(rates[(name, ours_name)]), statistics.median(rates[(name, "peft")])
             results.append(f"RESULT tokens_per_s_{name}{tag}_vs_peft ratio={ours / theirs:.3f} ours={ours:.1f} "
                            f"theirs={theirs:.1f} unit=tokens/s")
         results.append(f"RESULT peak_rss{tag}_vs_peft ratio={mem['peft']['peak_mb'] / mem[ours_name]['peak_mb']:.3f} "
