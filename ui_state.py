@@ -6,10 +6,15 @@ Pages call `current_model()` for the loaded model chosen in the sidebar and
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
+
 import streamlit as st
 
 from core.models import DEFAULT_MODEL, PRECISIONS, LoadedModel, load_model
 
+T = TypeVar("T")
 DATASETS = {"math": "MATH (arithmetic)", "squad": "QA (SQuAD format)", "c4": "web text (C4 role)"}
 DEFAULTS = {"model_name": DEFAULT_MODEL, "precision": "fp32", "dataset": "math"}
 
@@ -24,6 +29,28 @@ def init_state() -> None:
 def _cached_model(name: str, precision: str) -> LoadedModel:
     # Every argument is part of the key: name and precision pick the weights, device is auto.
     return load_model(name, precision=precision)
+
+
+@st.cache_resource
+def _memo_store() -> dict:
+    return {}
+
+
+def memo(namespace: str, key: str, build: Callable[[], T], max_entries: int = 6) -> T:
+    """A process-wide cache for objects whose building reports progress to the page.
+
+    `st.cache_resource` replays the elements a cached function draws, so a progress
+    bar updated from inside it breaks; here `build` runs outside any cache and may draw.
+    """
+    store = _memo_store().setdefault(namespace, OrderedDict())
+    if key in store:
+        store.move_to_end(key)
+        return store[key]
+    value = build()
+    store[key] = value
+    while len(store) > max_entries:
+        store.popitem(last=False)
+    return value
 
 
 def current_model() -> LoadedModel:

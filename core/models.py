@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from core.assets import ASSETS, asset_path, ensure_asset
+from core.hub import hub_host, hub_offline, hub_reachable
 from core.paths import MODELS_DIR
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -177,6 +178,24 @@ def _state_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def _check_hub_id(name: str) -> None:
+    """Fail in seconds, with the way out, when a hub id cannot be fetched and is not cached locally."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return  # already in the local hub cache: transformers loads it from there
+    why = None
+    if hub_offline():
+        why = "HF_HUB_OFFLINE is set and it is not in the local hub cache"
+    elif not hub_reachable():
+        why = f"the Hugging Face hub ({hub_host()}) cannot be reached from this machine"
+    if why:
+        raise ModelLoadError(
+            f"could not load model {name!r}: it is not a local folder and {why}. Use the embedded model "
+            f"{DEFAULT_MODEL!r}, which needs no network, or a local folder with config.json and weights."
+        )
+
+
 def load_model(name: str = DEFAULT_MODEL, precision: str = "fp32", device: str = "auto") -> LoadedModel:
     """Load a frozen causal LM.
 
@@ -200,6 +219,7 @@ def load_model(name: str = DEFAULT_MODEL, precision: str = "fp32", device: str =
     else:
         folder, display, source = name, name, f"Hugging Face hub: {name}"
         weights_id = None  # the snapshot's commit, read after loading
+        _check_hub_id(name)
 
     kwargs: dict = {}
     if precision == "int8":

@@ -39,12 +39,13 @@ def option_widget(field, key: str):  # noqa: ANN001, ANN201 - a dataclasses.Fiel
                            help=meta["help"] + (" (leave empty for the default)" if "None" in kind else ""))
 
 
-@st.cache_resource(show_spinner="Fitting the prior (fits and activations are cached after the first time) ...",
-                   max_entries=6)
-def cached_prior(fingerprint: str, params_json: str, _progress=None):  # noqa: ANN001, ANN201
-    # Key: the model fingerprint and every option. _progress only reports; it changes nothing in the result.
-    params = json.loads(params_json)
-    return make_prior(params.pop("name"), lm=ui_state.current_model(), progress=_progress, **params)
+def cached_prior(fingerprint: str, params_json: str, progress=None):  # noqa: ANN001, ANN201
+    # Key: the model fingerprint and every option; progress only reports, it changes nothing in the result.
+    def build():  # noqa: ANN202
+        params = json.loads(params_json)
+        return make_prior(params.pop("name"), lm=ui_state.current_model(), progress=progress, **params)
+
+    return ui_state.memo("priors", f"{fingerprint}|{params_json}", build)
 
 
 @st.cache_data(max_entries=12, show_spinner="Sampling, nearest tokens and Mahalanobis distances ...")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+
+from core.hub import hub_host, hub_offline, hub_reachable
 
 SOURCES = ("auto", "hub")
-_TRUE = {"1", "on", "yes", "true"}
 
 
 class HubUnavailableError(ConnectionError):
@@ -30,11 +29,6 @@ def resolve_source(source: str | os.PathLike) -> str:
     return str(path.resolve())
 
 
-def hub_offline() -> bool:
-    """True when the user told huggingface libraries not to touch the network."""
-    return any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def hub_load(name: str, *args: Any, fallback: str, **kwargs: Any) -> Any:  # noqa: ANN401 - a datasets object
     """`datasets.load_dataset(name, *args, **kwargs)`, with a clear error when the hub is out of reach.
 
@@ -46,9 +40,9 @@ def hub_load(name: str, *args: Any, fallback: str, **kwargs: Any) -> Any:  # noq
             f"the Hugging Face hub is not reachable: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set, so {name!r} "
             f"cannot be downloaded; {hint}"
         )
-    if not _hub_resolves():
+    if not hub_reachable():
         raise HubUnavailableError(
-            f"the Hugging Face hub is not reachable: cannot connect to {_hub_host()} for {name!r}; {hint}"
+            f"the Hugging Face hub is not reachable: cannot connect to {hub_host()} for {name!r}; {hint}"
         )
     import datasets  # heavy import, only for hub sources
 
@@ -59,30 +53,6 @@ def hub_load(name: str, *args: Any, fallback: str, **kwargs: Any) -> Any:  # noq
             f"could not load {name!r} from the Hugging Face hub ({type(exc).__name__}: {exc}); the hub may not be "
             f"reachable from this machine; {hint}"
         ) from exc
-
-
-def _hub_address() -> tuple[str, int]:
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
-
-
-def _hub_host() -> str:
-    host, port = _hub_address()
-    return f"{host}:{port}"
-
-
-def _hub_resolves(timeout: float = 3.0) -> bool:
-    """A quick TCP probe of the hub, so that no network fails in seconds, not after datasets' ~25 s of retries.
-
-    Behind a proxy the probe says nothing, so it is skipped and datasets decides.
-    """
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    try:
-        socket.create_connection(_hub_address(), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
 
 
 def read_json_rows(path: str, what: str) -> Any:  # noqa: ANN401 - parsed JSON
