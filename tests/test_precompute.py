@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from safetensors.numpy import load_file
@@ -11,11 +12,17 @@ from core.artifacts import ArtifactStore
 from core.precompute import QUICK, Precompute, gallery_specs
 
 
+def _name(path) -> str:  # noqa: ANN001
+    # Layer-specific views are named by the model's depth (l29 on the embedded model, l3 on the tiny one).
+    return re.sub(r"_l\d+", "_l<layer>", path.name)
+
+
 def _format(store: ArtifactStore) -> dict:
     """What a page relies on: table columns, array keys, run files and run.json keys, manifest keys."""
     root = store.root
-    tables = {p.name: p.read_text().splitlines()[0] for p in sorted((root / "tables").glob("*.csv"))}
-    jsons = {p.name: sorted(json.loads(p.read_text())) for p in sorted((root / "tables").glob("*.json"))}
+    tables = {_name(p): p.read_text().splitlines()[0] for p in sorted((root / "tables").glob("*.csv"))}
+    jsons = {_name(p): sorted(json.loads(p.read_text())) for p in sorted((root / "tables").glob("*.json"))
+             if p.name != "projections.json"}  # keyed by the cloud's content hash
     arrays = {p.name: sorted(load_file(str(p))) for p in sorted((root / "arrays").glob("*.safetensors"))}
     runs = {p.name: (sorted(f.name for f in p.iterdir()), sorted(json.loads((p / "run.json").read_text())))
             for p in sorted(store.runs_root.iterdir())}
