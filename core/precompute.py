@@ -145,6 +145,9 @@ class Precompute:
         return list(self.budget.sep_layers or range(self.lm.num_layers + 1))
 
     def write_manifest(self, done: list[str]) -> None:
+        previous = self.store.manifest()
+        if previous.get("commands") and previous["commands"][-1] == self.command:
+            previous["commands"] = previous["commands"][:-1]  # one entry per invocation, not per task
         manifest = {
             "model": self.lm.name,
             "model_fingerprint": self.lm.fingerprint,
@@ -152,7 +155,9 @@ class Precompute:
             | {"math-generator": f"{GENERATOR_PROVENANCE['package']}=={GENERATOR_PROVENANCE['version']}"},
             "budget": self._budget_record(),
             "seeds": sorted({s["seed"] for s in gallery_specs(self.budget)}),
-            "command": self.command,
+            # the command that built the artifacts, and every later one that touched them
+            "command": previous.get("command", self.command),
+            "commands": [*previous.get("commands", []), self.command][-20:],
             "code_version": _git_version(),
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "tasks_done": done,
