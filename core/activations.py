@@ -549,6 +549,19 @@ def _dataset_texts(dataset: str, n: int, seed: int, source: str) -> list[str]:
     return example_texts(dataset, n, seed=seed, source=source)
 
 
+def _dataset_key(kind: str, lm: LoadedModel, dataset: str, layer_t: tuple[int, ...], n: int, seed: int,
+                 source: str, max_length: int, batch_size: int, compute: str) -> tuple[str, str]:
+    """(cache key, resolved compute mode) of a per-dataset result; every input that changes it is in the key."""
+    mode = resolve_compute(lm, compute)
+    if n < 1:
+        raise ValueError(f"n must be at least 1; got {n}")
+    key = cache_key(
+        kind, lm, dataset=dataset, source=source_key(source), n=n, seed=seed,
+        max_length=max_length, layers=list(layer_t), compute=mode, batch_size=batch_size, keep=keep_side(dataset),
+    )
+    return key, mode
+
+
 def dataset_activations(
     lm: LoadedModel,
     dataset: str,
@@ -570,13 +583,7 @@ def dataset_activations(
     Returns `Activations` ([n_rows, d] per layer).
     """
     layer_t = check_layers(lm, layers)
-    mode = resolve_compute(lm, compute)
-    if n < 1:
-        raise ValueError(f"n must be at least 1; got {n}")
-    key = cache_key(
-        "tokens", lm, dataset=dataset, source=source_key(source), n=n, seed=seed,
-        max_length=max_length, layers=list(layer_t), compute=mode, batch_size=batch_size, keep=keep_side(dataset),
-    )
+    key, mode = _dataset_key("tokens", lm, dataset, layer_t, n, seed, source, max_length, batch_size, compute)
 
     def compute_fn() -> bytes:
         texts = _dataset_texts(dataset, n, seed, source)
@@ -608,13 +615,7 @@ def dataset_document_means(
     One forward pass covers every layer.
     """
     layer_t = check_layers(lm, range(lm.num_layers + 1) if layers is None else layers)
-    mode = resolve_compute(lm, compute)
-    if n < 1:
-        raise ValueError(f"n must be at least 1; got {n}")
-    key = cache_key(
-        "docmeans", lm, dataset=dataset, source=source_key(source), n=n, seed=seed,
-        max_length=max_length, layers=list(layer_t), compute=mode, batch_size=batch_size, keep=keep_side(dataset),
-    )
+    key, mode = _dataset_key("docmeans", lm, dataset, layer_t, n, seed, source, max_length, batch_size, compute)
 
     def compute_fn() -> bytes:
         texts = _dataset_texts(dataset, n, seed, source)
