@@ -74,3 +74,16 @@ def sidebar() -> None:
         )
         st.selectbox("Precision", PRECISIONS, key="precision", help="int8 uses bitsandbytes (CPU or GPU).")
         st.selectbox("Dataset", list(DATASETS), key="dataset", format_func=DATASETS.get)
+
+
+def model_runs_or_stop(lm: LoadedModel, use: str, no_runs: str) -> list:
+    """Runs trained on the loaded model (`RunEntry`s); says how many others are hidden, stops the page if none."""
+    from core.analysis.runs_compare import runs_for_model
+
+    mine, others = runs_for_model(lm)
+    if others:
+        st.caption(f"{len(others)} run(s) trained on other weights are hidden: load their model to {use} them.")
+    if not mine:
+        st.info(no_runs)
+        st.stop()
+    return mine

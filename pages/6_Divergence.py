@@ -29,12 +29,7 @@ st.title("Divergence")
 st.caption("Does a trained prompt collapse onto the token embeddings, or stay where its prior put it? "
            "Prior sample, path through training and trained prompt on the reference cloud's PCA axes.")
 lm = ui_state.current_model()
-mine, others = rc.runs_for_model(lm)
-if others:
-    st.caption(f"{len(others)} run(s) trained on other weights are hidden: load their model to see them.")
-if not mine:
-    st.info(NO_RUNS)
-    st.stop()
+mine = ui_state.model_runs_or_stop(lm, "see", NO_RUNS)
 
 labels = {e.label: str(e.path) for e in mine}
 chosen = st.multiselect("Runs", list(labels), default=list(labels)[:2], key="div_runs",

@@ -32,12 +32,7 @@ st.title("Runs")
 st.caption("Does the prior change the final quality, or only where the prompt ends up? Do priors far from the data "
            "take longer to reach the same loss? Does a prompt trained on one task help another?")
 lm = ui_state.current_model()
-mine, others = rc.runs_for_model(lm)
-if others:
-    st.caption(f"{len(others)} run(s) trained on other weights are hidden: load their model to compare them.")
-if not mine:
-    st.info(NO_RUNS)
-    st.stop()
+mine = ui_state.model_runs_or_stop(lm, "compare", NO_RUNS)
 
 labels = {e.label: e for e in mine}
 chosen = st.multiselect("Runs", list(labels), default=list(labels), key="runs_chosen")
