@@ -24,12 +24,13 @@ Tasks, in order:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,10 +171,8 @@ class Precompute:
     def task_separation(self) -> None:
         from core.analysis.separation import dataset_separation
 
-        bar = tqdm(total=100, desc="separation", unit="%", leave=False)
-        table = dataset_separation(self.lm, n=self.budget.sep_docs, layers=self._sep_layers(),
-                                   progress=lambda f: bar.update(round(100 * f) - bar.n))
-        bar.close()
+        with _fraction_bar("separation") as progress:
+            table = dataset_separation(self.lm, n=self.budget.sep_docs, layers=self._sep_layers(), progress=progress)
         self.store.save_table("separation", table)
 
     def task_trajectory(self) -> None:
@@ -258,10 +257,8 @@ class Precompute:
         from core.analysis.runs_compare import transfer_matrix
 
         soft = [p for p in self._gallery_paths() if p.name.startswith("soft-")]
-        bar = tqdm(total=100, desc="transfer", unit="%", leave=False)
-        table = transfer_matrix(self.lm, soft, n=self.budget.transfer_n,
-                                progress=lambda f: bar.update(round(100 * f) - bar.n))
-        bar.close()
+        with _fraction_bar("transfer") as progress:
+            table = transfer_matrix(self.lm, soft, n=self.budget.transfer_n, progress=progress)
         table["path"] = [str(Path(p).relative_to(self.store.root)) for p in table["path"]]
         self.store.save_table("transfer", table)
 
@@ -300,6 +297,16 @@ class Precompute:
             if name not in done:
                 done.append(name)
             self.write_manifest(done)  # after every task, so an interrupted build resumes from here
+
+
+@contextlib.contextmanager
+def _fraction_bar(desc: str) -> Iterator[Callable[[float], None]]:
+    """A tqdm bar in percent, driven by the `progress(fraction)` callbacks core functions take."""
+    bar = tqdm(total=100, desc=desc, unit="%", leave=False)
+    try:
+        yield lambda f: bar.update(round(100 * f) - bar.n)
+    finally:
+        bar.close()
 
 
 def _jsonable(obj):  # noqa: ANN001, ANN202
