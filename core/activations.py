@@ -517,7 +517,12 @@ def _cache(name: str = "activations", **settings):
     try:
         return diskcache.Cache(str(folder), **settings)
     except sqlite3.DatabaseError:
-        folder.rename(folder.with_name(f"{folder.name}.damaged-{os.getpid()}"))
+        import time
+        import uuid
+
+        # A name unique per event (not per process): a long-lived dashboard may heal the same cache many times.
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        folder.rename(folder.with_name(f"{folder.name}.damaged-{stamp}"))
         return diskcache.Cache(str(cache_subdir(name)), **settings)
 
 

@@ -59,3 +59,25 @@ def test_stale_and_foreign_locks(tmp_path):
     assert lock_holder(folder).alive is None
     with pytest.raises(LockHeld, match="another host.*delete"):
         FolderLock(folder).acquire()
+
+
+# -- caches heal every time -------------------------------------------------------------------------------
+def test_activation_cache_heals_twice_in_one_process(tiny_lm, tmp_path, monkeypatch):
+    import numpy as np
+
+    from core import activations as act
+
+    def sub(name: str):
+        path = tmp_path / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    monkeypatch.setattr(act, "cache_subdir", sub)
+    calls = []
+    monkeypatch.setattr(act, "_dataset_texts", lambda dataset, n, seed, source: calls.append(1) or ["a b c"] * n)
+    first = act.dataset_activations(tiny_lm, "c4", [1], n=2, compute="native")
+    for _ in range(2):  # the same process damages and heals the index database twice
+        (tmp_path / "activations" / "cache.db").write_bytes(b"this is not sqlite" * 100)
+        again = act.dataset_activations(tiny_lm, "c4", [1], n=2, compute="native")
+        np.testing.assert_array_equal(first.layer(1), again.layer(1))
+    assert len(calls) == 3 and len(list(tmp_path.glob("activations.damaged-*"))) == 2
