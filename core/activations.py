@@ -16,11 +16,12 @@ Layer numbering (TransformerLens-like hook names `embed` and `blocks.{i}.output`
 How it is fast without changing the numbers: forward hooks capture the asked
 layers and a hook on the deepest one raises a private exception, so no later
 block, final norm or output head runs; texts are sorted by length before
-batching so little work goes to padding; with an fp32 model the blocks run under
-bf16 autocast (`compute="auto"`), which keeps the residual stream in fp32 and is
-within about 1% relative error of fp32 on ordinary tokens, about 2% on the few
-massive-activation rows (measured by `bench/bench_activations.py`; pass
-`compute="native"` for the model's own precision). Rows are stored as float16.
+batching so little work goes to padding; with an fp32 model on a device where
+bf16 is fast (`core.compute` decides, `compute="auto"`), the blocks run under
+bf16 autocast, which keeps the residual stream in fp32 and is within about 1%
+relative error of fp32 on ordinary tokens, about 2% on the few massive-activation
+rows (measured by `bench/bench_activations.py`); elsewhere they run in the model's
+own precision (`compute="native"`, or "fp32" for an fp32 model). Rows are stored as float16.
 
 Padding is on the right, so real tokens keep positions 0..len-1 and never attend
 to padding: a text's activations do not depend on what it is batched with
@@ -48,7 +49,7 @@ from core.paths import cache_subdir
 FORMAT_VERSION = 1  # bump when the stored layout changes; old entries are then ignored
 # Bounded so a long session cannot fill the disk; least recently used entries go first.
 CACHE_SIZE_LIMIT = int(float(os.environ.get("PRIOR_LAB_ACTIVATION_CACHE_GB", "2")) * 2**30)
-COMPUTE_MODES = ("auto", "bf16", "native")
+COMPUTE_MODES = ("auto", "bf16", "fp32", "native")
 FP16_MAX = 65504.0
 
 ProgressFn = Callable[[float], None]
@@ -249,11 +250,21 @@ def check_layers(lm: LoadedModel, layers: int | Iterable[int]) -> tuple[int, ...
 
 
 def resolve_compute(lm: LoadedModel, compute: str = "auto") -> str:
-    """'bf16' (autocast) or 'native'. 'auto' picks bf16 autocast for an fp32 model, the model's own dtype otherwise."""
+    """'bf16' (autocast) or 'native' (the model's own dtype).
+
+    'auto' asks the compute policy (core.compute): bf16 autocast for an fp32 model where bf16 is fast on
+    this device, the model's own dtype otherwise. 'fp32' is 'native' for an fp32 model.
+    """
     if compute not in COMPUTE_MODES:
         raise ValueError(f"compute must be one of {', '.join(COMPUTE_MODES)}; got {compute!r}")
     if compute == "auto":
-        return "bf16" if lm.precision == "fp32" else "native"
+        from core.compute import decide
+
+        return "bf16" if lm.precision == "fp32" and decide(lm).dtype == "bf16" else "native"
+    if compute == "fp32":
+        if lm.precision == "bf16":
+            raise ValueError("compute 'fp32' needs an fp32 or int8 model; this one is bf16: use 'auto' or 'native'")
+        return "native"
     return compute
 
 
@@ -415,7 +426,7 @@ def collect_activations(
 
     texts: list of strings, each cut to `max_length` tokens keeping the start (`keep="end"`: the end).
     layers: an int or ints in 0..L; the forward pass stops after the deepest.
-    compute: "auto" (bf16 autocast for an fp32 model), "bf16", or "native" (the model's dtype).
+    compute: "auto" (core.compute decides: bf16 autocast where fast), "bf16", "fp32", "native" (model dtype).
     progress: called with the fraction done after each batch.
     Returns `Activations` whose `layer(i)` is float32 [n_rows, d] with padding and, by
     default, each text's first token left out (`n_excluded` says how many).
@@ -524,6 +535,9 @@ def _cache(name: str = "activations", **settings):
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         folder.rename(folder.with_name(f"{folder.name}.damaged-{stamp}"))
         return diskcache.Cache(str(cache_subdir(name)), **settings)
+
+
+disk_cache = _cache  # the public name, for other core modules' disk caches
 
 
 def cached_bytes(

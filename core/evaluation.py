@@ -30,7 +30,7 @@ N_SHOWN = 8  # predictions kept in run.json per condition, for the page
 
 @torch.no_grad()
 def generate(lm, texts: list[str], prompt: PromptModule | None = None, max_new_tokens: int = 12,
-             batch_size: int = 8, compute: str = "bf16", stop: str = "\n") -> list[str]:
+             batch_size: int = 8, compute: str = "auto", stop: str = "\n") -> list[str]:
     """Greedy continuations of `texts`, cut at the first `stop`; one string per text, in order."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1; got {max_new_tokens}")
@@ -106,7 +106,7 @@ def score(dataset: str, predictions: list[str], examples: list) -> dict:
 
 
 def evaluate(lm, dataset: str, examples: list, prompt: PromptModule | None = None, text_prompt: str | None = None,
-             max_new_tokens: int = 12, compute: str = "bf16", batch_size: int = 8) -> dict:
+             max_new_tokens: int = 12, compute: str = "auto", batch_size: int = 8) -> dict:
     """Greedy-generate answers for `examples` and score them; `text_prompt` is prepended as a line of text."""
     texts = [(text_prompt + "\n" if text_prompt else "") + ex.prompt for ex in examples]
     preds = generate(lm, texts, prompt, max_new_tokens=max_new_tokens, batch_size=batch_size, compute=compute)
@@ -122,7 +122,7 @@ def _baseline_key(lm, dataset: str, examples: list, kind: str, max_new_tokens: i
                        max_new_tokens, digest])
 
 
-def evaluate_with_baselines(lm, dataset: str, examples: list, prompt: PromptModule | None, compute: str = "bf16",
+def evaluate_with_baselines(lm, dataset: str, examples: list, prompt: PromptModule | None, compute: str = "auto",
                             max_new_tokens: int = 12, source: str = "auto", max_length: int = 320) -> dict:
     """{"prompt": .., "no_prompt": .., "text_prompt": .., "text": TEXT_PROMPTS[dataset]} on the same examples."""
     import diskcache

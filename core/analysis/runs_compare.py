@@ -333,7 +333,7 @@ def prompt_from_run(run: runs_mod.Run, lm) -> torch.nn.Module:  # noqa: ANN001
 
 
 @torch.no_grad()
-def prompt_loss(lm, prompt, examples: list, batch_size: int = 8, compute: str = "bf16",  # noqa: ANN001
+def prompt_loss(lm, prompt, examples: list, batch_size: int = 8, compute: str = "auto",  # noqa: ANN001
                 max_length: int = 320) -> float:
     """Mean answer-token cross-entropy of `examples` with `prompt` prepended (None: no prompt), encoded as in
     training (`max_length` tokens of prompt + answer), so a run's own validation loss is reproduced."""
@@ -356,7 +356,7 @@ def transfer_matrix(
     datasets: Iterable[str] = ("math", "squad"),
     n: int = 32,
     seed: int = 1234,
-    compute: str = "bf16",
+    compute: str = "auto",
     max_length: int = 320,
     progress: Callable[[float], None] | None = None,
 ) -> pd.DataFrame:

@@ -30,6 +30,8 @@ class Batch:
     rows, cols: [N] batch row and token column of each scored token (answer tokens).
     labels: [N] the token ids at (rows, cols).
     n_tokens: real (non-pad) tokens in the batch, for tokens/s.
+    residual: optional [B, T, d], the residual stream entering block `start_layer`, cached (core.tuning.cached):
+        the loss then runs from that block on instead of from the token embeddings.
     """
 
     input_ids: torch.Tensor
@@ -37,6 +39,8 @@ class Batch:
     cols: torch.Tensor
     labels: torch.Tensor
     n_tokens: int
+    residual: torch.Tensor | None = None
+    start_layer: int = 0
 
     @property
     def n_answer(self) -> int:
@@ -44,7 +48,8 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         return Batch(self.input_ids.to(device), self.rows.to(device), self.cols.to(device),
-                     self.labels.to(device), self.n_tokens)
+                     self.labels.to(device), self.n_tokens,
+                     None if self.residual is None else self.residual.to(device), self.start_layer)
 
 
 def encode_examples(tokenizer, examples: list, max_length: int = 320, answer_end: str = ANSWER_END) -> list[Encoded]:

@@ -1,4 +1,4 @@
-"""Which module runs the forward pass and in what dtype.
+"""Which module runs the forward pass and in what dtype (the dtype itself is chosen by `core.compute.decide`).
 
 bf16 compute on an fp32 model uses a bf16 shadow copy of the frozen weights,
 made once per loaded model and kept in `lm.extra`: autocast would re-cast every
@@ -13,6 +13,8 @@ import threading
 
 import torch
 from torch import nn
+
+from core.compute import COMPUTE_CHOICES, decide
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _LOCK = threading.Lock()
@@ -39,14 +41,15 @@ def _compiled_shadow(model: nn.Module) -> nn.Module:
     return shadow
 
 
-def compute_model(lm, compute: str = "bf16", compiled: bool = False) -> tuple[nn.Module, torch.dtype | None]:
-    """(module to run, autocast dtype or None) for a LoadedModel and a compute dtype name.
+def compute_model(lm, compute: str = "auto", compiled: bool = False) -> tuple[nn.Module, torch.dtype | None]:
+    """(module to run, autocast dtype or None) for a LoadedModel and a compute name ("auto", "bf16", "fp32").
 
     compiled: a bf16 shadow with torch.compile'd decoder layers, for training steps (bf16 compute on an fp32
     model only; the first step pays the compilation, about a minute for SmolLM2 on 2 CPU cores).
     """
-    if compute not in COMPUTE_DTYPES:
-        raise ValueError(f"compute must be one of {', '.join(COMPUTE_DTYPES)}; got {compute!r}")
+    if compute not in COMPUTE_CHOICES:
+        raise ValueError(f"compute must be one of {', '.join(COMPUTE_CHOICES)}; got {compute!r}")
+    compute = decide(lm, compute).dtype
     if compiled:
         if compute != "bf16" or lm.precision != "fp32":
             raise ValueError(f"compile works with compute 'bf16' on an fp32 model (a compiled bf16 copy); got compute "
@@ -56,8 +59,6 @@ def compute_model(lm, compute: str = "bf16", compiled: bool = False) -> tuple[nn
                 lm.extra["bf16_shadow_compiled"] = _compiled_shadow(lm.model)
         return lm.extra["bf16_shadow_compiled"], None
     if compute == "fp32":
-        if lm.precision == "bf16":
-            raise ValueError("compute 'fp32' needs an fp32 or int8 model; this one is bf16: use compute 'bf16'")
         return lm.model, None
     if lm.precision == "bf16":
         return lm.model, None

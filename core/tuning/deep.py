@@ -40,9 +40,13 @@ class DeepPromptConfig(PromptConfig):
 
     layers: decoder-layer indices (0-based block index) that get prepended vectors;
     empty means the last 3, as in the paper.
+    soft: also train the token-level soft prompt (the paper's method). Without it nothing trained
+    enters below the first prompted block, so training can start there from cached activations
+    (core.tuning.cached): about L/k times faster per step for the last k of L blocks.
     """
 
     layers: list[int] = field(default_factory=list)
+    soft: bool = True
     num_layers: int = 0  # the model's depth, filled in by the module; used to check `layers`
 
     def resolve(self, num_layers: int) -> None:
@@ -88,15 +92,32 @@ class DeepPrompt(PromptModule):
         super().__init__()
         config.resolve(num_layers)
         self.config = config
-        self.soft = nn.Parameter(torch.zeros(config.n_tokens, hidden_size))
+        self.hidden_size = hidden_size
+        self.soft = nn.Parameter(torch.zeros(config.n_tokens, hidden_size)) if config.soft else None
         self.deep = nn.ParameterDict({str(x): nn.Parameter(torch.zeros(config.n_tokens, hidden_size))
                                       for x in config.layers})
 
+    @property
+    def n_prefix(self) -> int:
+        return self.config.n_tokens if self.soft is not None else 0
+
     def prefix(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.soft is None:  # deep vectors only: nothing is prepended to the tokens
+            return torch.zeros(batch_size, 0, self.hidden_size, dtype=dtype, device=self.deep_device)
         return self.soft.to(dtype).unsqueeze(0).expand(batch_size, -1, -1)  # [B, n, d]
 
+    @property
+    def deep_device(self) -> torch.device:
+        return next(iter(self.deep.values())).device
+
+    @property
+    def first_layer(self) -> int:
+        """The lowest prompted block: without a soft prompt, nothing trained enters below it."""
+        return min(self.config.layers)
+
     def named_tensors(self) -> dict[str, nn.Parameter]:
-        return {"soft": self.soft, **{f"deep.{k}": v for k, v in self.deep.items()}}
+        soft = {"soft": self.soft} if self.soft is not None else {}
+        return {**soft, **{f"deep.{k}": v for k, v in self.deep.items()}}
 
     @contextlib.contextmanager
     def hooks(self, model: nn.Module) -> Iterator[None]:

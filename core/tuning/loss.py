@@ -34,14 +34,24 @@ def answer_loss(model: nn.Module, prompt: PromptModule | None, batch: Batch,
     """
     decoder = model.model
     device = batch.input_ids.device
+    amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    hooks = prompt.hooks(model) if prompt is not None else contextlib.nullcontext()
+    if batch.residual is not None:  # deep prompts only, from the cached stream entering block `start_layer`
+        from core.tuning.cached import forward_from_layer
+
+        if prompt is not None and prompt.n_prefix:
+            raise ValueError("a cached residual stream cannot take a token-level prompt: train deep prompts with "
+                             "soft=False (--no-soft), or drop the cached residuals")
+        with hooks, amp, attention_backend(device, batch.residual.shape[1]):
+            hidden = forward_from_layer(model, batch.residual, batch.start_layer)  # [B, T, d]
+            logits = model.lm_head(hidden[batch.rows, batch.cols - 1])  # [N, V]
+        return F.cross_entropy(logits.float(), batch.labels, reduction="sum")
     embeds = decoder.embed_tokens(batch.input_ids)  # [B, T, d]
     n = 0
     if prompt is not None:
         n = prompt.n_prefix
         embeds = torch.cat([prompt.prefix(embeds.shape[0], embeds.dtype), embeds], dim=1)  # [B, n+T, d]
-    hooks = prompt.hooks(model) if prompt is not None else contextlib.nullcontext()
-    amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-           else contextlib.nullcontext())
     with hooks, amp, attention_backend(device, embeds.shape[1]):
         hidden = decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state  # [B, n+T, d], final norm applied
         # position p predicts token p+1: the answer token at column c is read from column n+c-1

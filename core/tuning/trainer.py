@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from core import runs
+from core.compute import COMPUTE_CHOICES, decide
 from core.tuning.base import METHODS, PromptModule, build_prompt
 from core.tuning.batches import Batch, Encoded, collate, encode_examples, epoch_batches, fixed_batches
-from core.tuning.compute import COMPUTE_DTYPES, compute_model
+from core.tuning.compute import compute_model
 from core.tuning.loss import answer_loss
 
 TRAINABLE_DATASETS = ("math", "squad")
@@ -48,7 +49,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # decay would pull the prompt toward 0 and confound where it drifts
     max_grad_norm: float = 1.0
     seed: int = 0
-    compute: str = "bf16"  # "bf16" (shadow bf16 weights / autocast) or "fp32"
+    compute: str = "auto"  # "auto" (core.compute decides per device, by measurement), "bf16" or "fp32"
     n_train: int = 1000  # fits every dataset (the QuAC stand-in has 1,246 training questions)
     n_val: int = 48
     val_every: int = 10
@@ -58,6 +59,8 @@ class TrainConfig:
     max_length: int = 320  # tokens of prompt+answer; longer prompts are cut from the start
     bucket: int = 8  # batches per length-sorting chunk (less padding)
     compile: bool = False  # torch.compile the decoder layers for training steps (pays off from ~100 steps)
+    soft: bool = True  # deep only: also train the token-level soft prompt (the paper's method)
+    cached_activations: bool = True  # deep with soft=False: start each step at the first prompted block (cached)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -65,8 +68,8 @@ class TrainConfig:
         if self.dataset not in TRAINABLE_DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(TRAINABLE_DATASETS)} for training; got "
                              f"{self.dataset!r} (c4 is plain text with no answer to score)")
-        if self.compute not in COMPUTE_DTYPES:
-            raise ValueError(f"compute must be one of {', '.join(COMPUTE_DTYPES)}; got {self.compute!r}")
+        if self.compute not in COMPUTE_CHOICES:
+            raise ValueError(f"compute must be one of {', '.join(COMPUTE_CHOICES)}; got {self.compute!r}")
         for name in ("steps", "batch_size", "grad_accum", "n_tokens", "val_every", "snapshot_every", "n_train",
                      "n_val"):
             if int(getattr(self, name)) < 1:
@@ -75,8 +78,10 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number; got {self.lr!r}")
         if self.layers and self.method != "deep":
             raise ValueError("layers only apply to --method deep; drop --layers or use the deep method")
-        if self.compile and (self.compute != "bf16"):
+        if self.compile and self.compute == "fp32":
             raise ValueError("compile needs compute 'bf16' (it compiles the bf16 copy of the weights)")
+        if not self.soft and self.method != "deep":
+            raise ValueError("soft=False (--no-soft) only applies to --method deep: a soft prompt is its soft vectors")
         if self.warmup_steps < 0:
             self.warmup_steps = max(1, self.steps // 10)
         if self.max_new_tokens <= 0:
@@ -86,6 +91,7 @@ class TrainConfig:
         params = {"n_tokens": self.n_tokens}
         if self.method == "deep":
             params["layers"] = list(self.layers)
+            params["soft"] = bool(self.soft)
         return params
 
     def to_dict(self) -> dict:
@@ -203,6 +209,7 @@ class _Trainer:
     def __init__(self, lm, config: TrainConfig, out_dir: Path, examples: tuple | None, init: torch.Tensor | None,
                  resume: bool) -> None:
         self.lm, self.config, self.out_dir = lm, config, Path(out_dir)
+        self.compute = decide(lm, config.compute)
         self.model, self.autocast = compute_model(lm, config.compute)  # validation (no grad)
         self.train_model = compute_model(lm, config.compute, compiled=True)[0] if config.compile else self.model
         self.device = lm.device
@@ -215,6 +222,11 @@ class _Trainer:
         if config.method == "deep":
             config.layers = list(self.prompt.config.layers)  # record the resolved default
         self.prompt.to(self.device)
+        self.residuals = None  # deep prompts without a soft prompt: cached stream entering the first prompted block
+        if config.method == "deep" and not config.soft and config.cached_activations and not config.compile:
+            from core.tuning.cached import ResidualCache
+
+            self.residuals = ResidualCache(lm, self.model, self.autocast, self.prompt.first_layer)
         self.optimizer = torch.optim.AdamW(self.prompt.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         from transformers import get_linear_schedule_with_warmup
 
@@ -245,14 +257,20 @@ class _Trainer:
             m = (step - 1) * cfg.grad_accum + k
             epoch, pos = divmod(m, per_epoch)
             idx = epoch_batches(self.train_items, cfg.batch_size, cfg.seed, epoch, cfg.bucket)[pos]
-            out.append(collate([self.train_items[i] for i in idx], self.pad_id).to(self.device))
+            out.append(self._collate([self.train_items[i] for i in idx]))
         return out
+
+    def _collate(self, items: list[Encoded]) -> Batch:
+        batch = collate(items, self.pad_id).to(self.device)
+        if self.residuals is not None:
+            batch.residual, batch.start_layer = self.residuals.batch(items), self.residuals.start
+        return batch
 
     @torch.no_grad()
     def validate(self) -> float:
         total, count = 0.0, 0
         for idx in fixed_batches(self.val_items, self.config.batch_size):
-            batch = collate([self.val_items[i] for i in idx], self.pad_id).to(self.device)
+            batch = self._collate([self.val_items[i] for i in idx])
             total += float(answer_loss(self.model, self.prompt, batch, self.autocast))
             count += batch.n_answer
         return total / max(count, 1)
@@ -287,6 +305,8 @@ class _Trainer:
         return {**self.config.to_dict(), **self.prior_info, "prompt": self.prompt.config.to_dict(),
                 "model": lm.name, "model_fingerprint": lm.fingerprint, "precision": lm.precision,
                 "device": str(lm.device), "hidden_size": lm.hidden_size, "num_layers": lm.num_layers,
+                "compute_resolved": self.compute.dtype, "compute_reason": self.compute.reason,
+                "cached_from_layer": self.residuals.start if self.residuals is not None else None,
                 "n_train_examples": len(self.train_items), "n_val_examples": len(self.val_items)}
 
     def save(self, status: str, message: str = "", metrics: dict | None = None) -> None:

@@ -1,0 +1,164 @@
+"""The compute policy: which dtype a forward pass or a training step runs in, decided in one place.
+
+    >>> decide(lm).reason           # the default everywhere: compute="auto"
+    'fp32: bf16 matmul here 1.37 GFLOP/s vs fp32 155 (AVX2)'
+
+"auto" resolves once per device and process, with its reason kept:
+
+- CUDA: bf16 where `torch.cuda.is_bf16_supported()`, else fp32 (fp16 autocast would need loss
+  scaling to train a prompt safely, and the prompt is small enough that fp32 costs little there).
+  Attention uses PyTorch's fused SDPA kernels on CUDA.
+- CPU: bf16 only when this machine multiplies bf16 matrices clearly faster than fp32
+  (`BF16_MIN_SPEEDUP`). Machines differ by 26x in the same default: an AVX512-BF16 CPU ran bf16
+  matmuls at 780 GFLOP/s against 172 in fp32, an AVX2-only one at 0.9 against 75. So the choice
+  is measured by a matmul probe of about 0.2 s, cached per machine (CPU model, instruction set,
+  torch version, threads) under `.cache/compute/`, never guessed from CPU flags.
+- A model loaded in bf16 computes in bf16 (its weights are bf16).
+
+Explicit "bf16" and "fp32" are used as asked and never overridden.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from core.paths import cache_subdir
+
+COMPUTE_CHOICES = ("auto", "bf16", "fp32")
+BF16_MIN_SPEEDUP = 1.5  # bf16 must beat fp32 matmuls by this factor to be chosen: "clearly faster"
+PROBE_SIZE = 256  # square matmul side; on the slowest bf16 CPU seen (0.9 GFLOP/s) one product takes ~40 ms
+PROBE_SECONDS = 0.08  # time spent per dtype after a warm-up product
+
+
+@dataclass(frozen=True)
+class ComputeDecision:
+    """What "compute" resolved to for one model on one device, and why."""
+
+    dtype: str  # "bf16" or "fp32": what the forward pass runs in
+    requested: str  # "auto", "bf16" or "fp32"
+    device: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def check_compute(compute: str) -> None:
+    if compute not in COMPUTE_CHOICES:
+        raise ValueError(f"compute must be one of {', '.join(COMPUTE_CHOICES)}; got {compute!r}")
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name as the OS reports it (lscpu's 'Model name')."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _matmul_gflops(dtype: torch.dtype, device: torch.device, size: int = PROBE_SIZE,
+                   seconds: float = PROBE_SECONDS) -> float:
+    """Sustained GFLOP/s of a [size, size] @ [size, size] product in `dtype` on `device`."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.matmul(a, b)  # warm-up: kernel selection, caches
+    sync()
+    count, start = 0, time.perf_counter()
+    while True:
+        torch.matmul(a, b)
+        count += 1
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2 * size**3 * count / elapsed / 1e9
+
+
+def _probe_key() -> str:
+    parts = [cpu_model_name(), torch.backends.cpu.get_cpu_capability(), torch.__version__,
+             str(torch.get_num_threads())]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def cpu_matmul_probe(refresh: bool = False) -> dict:
+    """bf16 and fp32 matmul rates of this CPU, {"bf16_gflops", "fp32_gflops", "cpu", ...}; measured once per machine.
+
+    Cached in `.cache/compute/cpu-probe-<key>.json`, the key made of the CPU model, its instruction
+    set as torch sees it, the torch version and the thread count. `refresh=True` measures again.
+    """
+    path = cache_subdir("compute") / f"cpu-probe-{_probe_key()}.json"
+    if not refresh and path.exists():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            pass  # damaged: measure again
+    cpu = torch.device("cpu")
+    result = {
+        "bf16_gflops": round(_matmul_gflops(torch.bfloat16, cpu), 2),
+        "fp32_gflops": round(_matmul_gflops(torch.float32, cpu), 2),
+        "cpu": cpu_model_name(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "size": PROBE_SIZE,
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+    return result
+
+
+@functools.cache
+def _auto_for_device(device: str) -> tuple[str, str]:
+    """(dtype, reason) of "auto" on `device`; once per device and process."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"bf16: {name} supports bf16 (fused SDPA attention)"
+        return "fp32", f"fp32: {name} has no bf16 (fp16 would need loss scaling to train a prompt)"
+    if dev.type != "cpu":
+        return "fp32", f"fp32: no measured policy for device type {dev.type!r}"
+    probe = cpu_matmul_probe()
+    bf16, fp32 = probe["bf16_gflops"], probe["fp32_gflops"]
+    rates = f"bf16 matmul here {bf16:.3g} GFLOP/s vs fp32 {fp32:.3g} ({probe['capability']})"
+    if bf16 >= BF16_MIN_SPEEDUP * fp32:
+        return "bf16", f"bf16: {rates}"
+    return "fp32", f"fp32: {rates}"
+
+
+def decide(lm, compute: str = "auto") -> ComputeDecision:  # noqa: ANN001 - core.models.LoadedModel
+    """Resolve `compute` ("auto", "bf16", "fp32") for a loaded model on its device."""
+    check_compute(compute)
+    device = str(lm.device)
+    if lm.precision == "bf16":
+        if compute == "fp32":
+            raise ValueError("compute 'fp32' needs an fp32 or int8 model; this one is bf16: use compute 'bf16' "
+                             "or 'auto', or load the model with precision fp32")
+        return ComputeDecision("bf16", compute, device, "bf16: the model's weights are bf16")
+    if compute != "auto":
+        return ComputeDecision(compute, compute, device, f"{compute}: asked for explicitly")
+    dtype, reason = _auto_for_device(device)
+    return ComputeDecision(dtype, compute, device, reason)
+
+
+def default_precision() -> str:
+    """The weight precision the dashboard proposes: bf16 on a CUDA GPU that supports it, fp32 otherwise."""
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"

@@ -1,0 +1,139 @@
+"""Deep prompt-tuning from cached activations: skip the blocks that nothing trained can change.
+
+With deep prompts only (`soft=False`: no token-level prompt), every block below the first prompted
+one, `start = min(layers)`, sees only the input tokens, so the residual stream entering block
+`start` is a fixed function of each example. It is computed once per example (no grad, stopping at
+block `start`), kept on disk in the activation cache, and every training or validation step runs
+blocks `start..L-1`, the final norm and the head on answer rows only. For the last k of L blocks
+the step costs about k/L of a full one (the first epoch also pays one partial forward per example).
+
+The numbers are the full path's: training pads on the right with no mask, so attention is causal
+and an example's residual does not depend on what it is batched with (beyond float rounding), and
+`forward_from_layer` calls the blocks exactly as `LlamaModel.forward` does (rotary tables from the
+positions, no mask, then the final norm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from core.tuning.batches import Encoded
+
+FORMAT_VERSION = 1  # bump when the stored residual layout changes
+CACHE_NAME = "residuals"
+
+
+class _StopForward(Exception):
+    """Raised by the pre-hook on block `start` once its input is captured."""
+
+
+@contextlib.contextmanager
+def _capture_input(layer: nn.Module, store: dict) -> Iterator[None]:
+    def pre(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        store["hidden"] = args[0] if args else kwargs["hidden_states"]
+        raise _StopForward
+
+    handle = layer.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def residual_stream(model: nn.Module, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+    """The residual stream entering decoder block `start`, [B, T, d] (right-padded ids [B, T], no mask)."""
+    decoder = model.model
+    if start == 0:
+        return decoder.embed_tokens(input_ids)
+    store: dict = {}
+    with _capture_input(decoder.layers[start], store):
+        try:
+            decoder(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+    return store["hidden"]
+
+
+def forward_from_layer(model: nn.Module, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    """Blocks `start..L-1` and the final norm on the residual stream `hidden` [B, T, d]; returns [B, T, d].
+
+    Forward hooks on the blocks (deep prompts) run as in the full pass.
+    """
+    decoder = model.model
+    positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)  # [1, T]
+    rotary = decoder.rotary_emb(hidden, position_ids=positions)
+    for layer in decoder.layers[start:]:
+        hidden = layer(hidden, attention_mask=None, position_embeddings=rotary, position_ids=positions,
+                       past_key_values=None, use_cache=False)
+    return decoder.norm(hidden)
+
+
+class ResidualCache:
+    """Residual streams entering block `start` for encoded examples, computed on first use, kept on disk.
+
+    Keys hold everything that changes the numbers: the model's fingerprint, the compute module's
+    dtype, the start block and the example's token ids.
+    """
+
+    def __init__(self, lm, model: nn.Module, autocast: torch.dtype | None, start: int) -> None:  # noqa: ANN001
+        self.lm, self.model, self.autocast, self.start = lm, model, autocast, start
+        self.dtype = next(model.parameters()).dtype
+        self.memory: dict[str, torch.Tensor] = {}  # key -> [T_i, d] on the model's device
+
+    def _key(self, item: Encoded) -> str:
+        text = f"{FORMAT_VERSION}|{self.lm.fingerprint}|{self.dtype}|{self.autocast}|{self.start}|{item.ids}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _compute(self, items: list[Encoded]) -> list[torch.Tensor]:
+        width = max(len(x.ids) for x in items)
+        pad = self.lm.tokenizer.pad_token_id or 0
+        ids = torch.full((len(items), width), pad, dtype=torch.long)
+        for row, item in enumerate(items):
+            ids[row, : len(item.ids)] = torch.tensor(item.ids)
+        amp = (torch.autocast(self.lm.device.type, dtype=self.autocast) if self.autocast is not None
+               else contextlib.nullcontext())
+        with amp:
+            hidden = residual_stream(self.model, ids.to(self.lm.device), self.start)  # [B, T, d]
+        return [hidden[row, : len(item.ids)].clone() for row, item in enumerate(items)]
+
+    def get(self, items: list[Encoded]) -> list[torch.Tensor]:
+        """Residuals [T_i, d] of `items`, in order; missing ones computed in one batch and stored."""
+        from core.activations import disk_cache
+
+        keys = [self._key(item) for item in items]
+        missing = [i for i, k in enumerate(keys) if k not in self.memory]
+        if missing:
+            with disk_cache(CACHE_NAME) as store:
+                todo = []
+                for i in missing:
+                    blob = store.get(keys[i], default=None, retry=True)
+                    if blob is None:
+                        todo.append(i)
+                        continue
+                    try:
+                        self.memory[keys[i]] = torch.load(io.BytesIO(blob)).to(self.lm.device)
+                    except Exception:  # noqa: BLE001 - a damaged entry is a miss
+                        todo.append(i)
+                if todo:
+                    for i, tensor in zip(todo, self._compute([items[i] for i in todo]), strict=True):
+                        self.memory[keys[i]] = tensor
+                        buffer = io.BytesIO()
+                        torch.save(tensor.cpu(), buffer)
+                        store.set(keys[i], buffer.getvalue(), retry=True)
+        return [self.memory[k] for k in keys]
+
+    def batch(self, items: list[Encoded]) -> torch.Tensor:
+        """Right-padded residuals [B, T, d] of `items` (zeros after each example: causal attention never reads them)."""
+        rows = self.get(items)
+        width = max(r.shape[0] for r in rows)
+        out = torch.zeros((len(rows), width, rows[0].shape[-1]), dtype=rows[0].dtype, device=rows[0].device)
+        for i, r in enumerate(rows):
+            out[i, : r.shape[0]] = r
+        return out

@@ -1,0 +1,93 @@
+"""The compute policy (core.compute) and deep prompt-tuning from cached activations (core.tuning.cached)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from core import compute as policy
+from core.tuning import TrainConfig, build_prompt, collate, encode_examples, train
+from core.tuning.cached import ResidualCache
+from core.tuning.loss import answer_loss
+
+
+def _lm(precision: str = "fp32", device: str = "cpu") -> SimpleNamespace:
+    return SimpleNamespace(precision=precision, device=torch.device(device))
+
+
+def test_auto_on_cpu_follows_the_measured_matmul_rates(monkeypatch):
+    policy._auto_for_device.cache_clear()
+    monkeypatch.setattr(policy, "cpu_matmul_probe",
+                        lambda: {"bf16_gflops": 0.9, "fp32_gflops": 75.0, "capability": "AVX2"})
+    slow = policy.decide(_lm())
+    assert slow.dtype == "fp32" and "0.9" in slow.reason and "75" in slow.reason
+    policy._auto_for_device.cache_clear()
+    monkeypatch.setattr(policy, "cpu_matmul_probe",
+                        lambda: {"bf16_gflops": 780.0, "fp32_gflops": 172.0, "capability": "AVX512_BF16"})
+    assert policy.decide(_lm()).dtype == "bf16"
+    policy._auto_for_device.cache_clear()
+
+
+def test_explicit_compute_is_never_overridden_and_bad_names_are_refused():
+    assert policy.decide(_lm(), "bf16").dtype == "bf16"
+    assert policy.decide(_lm(), "fp32").dtype == "fp32"
+    assert policy.decide(_lm("bf16"), "auto").dtype == "bf16"  # bf16 weights compute in bf16
+    with pytest.raises(ValueError, match="compute 'fp32' needs an fp32 or int8 model"):
+        policy.decide(_lm("bf16"), "fp32")
+    with pytest.raises(ValueError, match="compute must be one of auto, bf16, fp32"):
+        policy.decide(_lm(), "fp16")
+
+
+def test_probe_is_quick_and_cached_per_machine(tmp_path, monkeypatch):
+    monkeypatch.setattr(policy, "cache_subdir", lambda name: tmp_path)
+    first = policy.cpu_matmul_probe(refresh=True)
+    assert first["bf16_gflops"] > 0 and first["fp32_gflops"] > 0
+    files = list(tmp_path.glob("cpu-probe-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["cpu"] == first["cpu"]
+    assert policy.cpu_matmul_probe() == first  # read back, not measured again
+
+
+def _math(n: int, offset: int = 0) -> list:
+    return [SimpleNamespace(prompt=f"Question: What is {k % 13} plus {k % 7}?\nAnswer:", target=f" {k % 13 + k % 7}",
+                            answers=[str(k % 13 + k % 7)], meta={}) for k in range(offset, offset + n)]
+
+
+def test_cached_residual_loss_equals_the_full_forward(tiny_lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRIOR_LAB_CACHE", str(tmp_path))
+    prompt = build_prompt("deep", tiny_lm.hidden_size, tiny_lm.num_layers, n_tokens=3, layers=[2, 3], soft=False)
+    gen = torch.Generator().manual_seed(0)
+    prompt.load_tensors({k: torch.randn(v.shape, generator=gen) for k, v in prompt.named_tensors().items()})
+    assert prompt.n_prefix == 0 and set(prompt.named_tensors()) == {"deep.2", "deep.3"}
+    items = encode_examples(tiny_lm.tokenizer, _math(6))
+    full = answer_loss(tiny_lm.model, prompt, collate(items, tiny_lm.tokenizer.pad_token_id))
+    cache = ResidualCache(tiny_lm, tiny_lm.model, None, start=2)
+    batch = collate(items, tiny_lm.tokenizer.pad_token_id)
+    # residuals computed in another grouping than the batch: a row's stream must not depend on its batch-mates
+    cache.get(items[3:]), cache.get(items[:3])
+    batch.residual, batch.start_layer = cache.batch(items), 2
+    cached = answer_loss(tiny_lm.model, prompt, batch)
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+    cached.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in prompt.parameters())
+
+
+def test_deep_without_soft_trains_from_the_cache_and_matches_the_uncached_run(tiny_lm, tmp_path):
+    data = (_math(16), _math(8, offset=100), [])
+    base = dict(method="deep", dataset="math", soft=False, layers=[2, 3], n_tokens=3, steps=3, batch_size=4,
+                val_every=1, snapshot_every=1, eval_n=0, n_val=8, compute="fp32", lr=0.05, prior="gaussian")
+    cached = train(tiny_lm, TrainConfig(**base), tmp_path / "cached", examples=data)
+    plain = train(tiny_lm, TrainConfig(**base, cached_activations=False), tmp_path / "plain", examples=data)
+    assert set(cached.prompt) == {"deep.2", "deep.3"}
+    for a, b in zip(cached.history, plain.history, strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    config = json.loads((tmp_path / "cached" / "run.json").read_text())["config"]
+    assert config["cached_from_layer"] == 2 and config["compute_resolved"] == "fp32"
+    assert config["compute_reason"].startswith("fp32")
+
+
+def test_no_soft_is_refused_for_the_soft_method():
+    with pytest.raises(ValueError, match="only applies to --method deep"):
+        TrainConfig(method="soft", soft=False)
