@@ -12,11 +12,12 @@ from typing import TypeVar
 
 import streamlit as st
 
-from core.models import DEFAULT_MODEL, PRECISIONS, LoadedModel, load_model
+from core.compute import decide_for, default_precision
+from core.models import DEFAULT_MODEL, PRECISIONS, LoadedModel, load_model, resolve_device
 
 T = TypeVar("T")
 DATASETS = {"math": "MATH (arithmetic)", "squad": "QA (SQuAD format)", "c4": "web text (C4 role)"}
-DEFAULTS = {"model_name": DEFAULT_MODEL, "precision": "fp32", "dataset": "math"}
+DEFAULTS = {"model_name": DEFAULT_MODEL, "precision": default_precision(), "dataset": "math"}  # bf16 on a CUDA GPU
 
 
 def init_state() -> None:
@@ -58,6 +59,17 @@ def current_model() -> LoadedModel:
     return _cached_model(st.session_state["model_name"], st.session_state["precision"])
 
 
+@st.cache_resource
+def _decision(precision: str, device: str):  # noqa: ANN202 - core.compute.ComputeDecision
+    return decide_for(precision, device)
+
+
+def compute_decision():  # noqa: ANN201 - core.compute.ComputeDecision
+    """What compute 'auto' resolves to for the sidebar's precision on this machine's device, and why."""
+    init_state()
+    return _decision(st.session_state["precision"], str(resolve_device("auto")))
+
+
 def current_dataset() -> str:
     init_state()
     return st.session_state["dataset"]
@@ -73,6 +85,9 @@ def sidebar() -> None:
             help=f"'{DEFAULT_MODEL}' is embedded and offline; any Hugging Face id or local folder also works.",
         )
         st.selectbox("Precision", PRECISIONS, key="precision", help="int8 uses bitsandbytes (CPU or GPU).")
+        st.caption(f"Compute: {compute_decision().reason}",
+                   help="Every page, training run and precomputed artifact uses compute 'auto': bf16 only where "
+                        "this device multiplies bf16 matrices clearly faster than fp32 (measured once per machine).")
         st.selectbox("Dataset", list(DATASETS), key="dataset", format_func=DATASETS.get)
 
 

