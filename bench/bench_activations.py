@@ -1,11 +1,14 @@
-"""Activation extraction: ours (`collect_activations`) vs plain fp32 `model(..., output_hidden_states=True)`.
+"""Activation extraction: ours (`collect_activations`, compute "auto") vs `model(..., output_hidden_states=True)`.
 
 Same real texts (C4, SQuAD and MATH stand-ins, mixed lengths, each cut to --max-length
 tokens), same batch size; cold (no disk cache: `collect_activations` never caches).
 The reference is what a user would write: tokenise each batch of 8 in the given order
-with padding, run the whole model in fp32 with all hidden states, keep the
-non-padding rows of the wanted layer. Ours stops after the layer, sorts texts by
-length into batches and, for this fp32 model, runs under bf16 autocast.
+with padding, run the whole model with all hidden states, keep the non-padding rows of
+the wanted layer, in the dtype a user would pick on this device: fp32 where the CPU has
+no fast bf16, bf16 autocast where it has (the same decision `core.compute` makes for
+ours). Ours stops after the layer and sorts texts by length into batches. The ceiling
+line divides our useful FLOP rate (2 x the parameters of the blocks run x tokens) by this
+machine's matrix-product rate in the chosen dtype.
 
 Error: relative Frobenius error ||ours - ref|| / ||ref|| over all non-padding rows
 except each text's first token (the attention sink, which the views leave out),
@@ -26,19 +29,35 @@ import numpy as np
 import torch
 
 from core.activations import collect_activations, keep_side, tokenize
+from core.compute import decide
 from core.data import example_texts
 from core.models import load_model
 
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
-def reference(lm, texts: list[str], keep: list[str], layer: int, max_length: int, batch_size: int):  # noqa: ANN001
-    """Plain transformers: fp32, every layer and the head, padded batches in the given order."""
+
+def matmul_rate(dtype: torch.dtype, size: int = 1024, reps: int = 3) -> float:
+    """Best FLOP/s of a [size, size] product in `dtype` on the CPU."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def reference(lm, texts: list[str], keep: list[str], layer: int, max_length: int, batch_size: int,  # noqa: ANN001
+              amp: torch.dtype | None = None):
+    """Plain transformers: every layer and the head, padded batches in the given order (bf16 autocast if `amp`)."""
     ids = [tokenize(lm, [t], max_length, k)[0] for t, k in zip(texts, keep, strict=True)]
     rows, padded = [], 0
     for start in range(0, len(ids), batch_size):
         batch = ids[start : start + batch_size]
         enc = lm.tokenizer.pad({"input_ids": batch}, return_tensors="pt")
         padded += enc["input_ids"].numel()
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):
             hidden = lm.model(**enc, output_hidden_states=True).hidden_states[layer]  # [B, T, d]
         for r, seq in enumerate(batch):
             rows.append(hidden[r, 1 : len(seq)].float().numpy())  # first token left out, as in our default view
@@ -82,6 +101,11 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     lm = load_model(precision="fp32", device="cpu")
+    decision = decide(lm)
+    amp = torch.bfloat16 if decision.dtype == "bf16" else None
+    peak = matmul_rate(DTYPES[decision.dtype])
+    print(f"device cpu ({torch.backends.cpu.get_cpu_capability()}); compute auto -> {decision.reason}; "
+          f"{decision.dtype} 1024^3 matmul {peak / 1e9:.1f} GFLOP/s at {torch.get_num_threads()} thread(s)")
     texts, keep = [], []
     for d in ("c4", "squad", "math"):
         got = example_texts(d, args.per_dataset, seed=0)
@@ -94,22 +118,24 @@ def main() -> int:
     by_side = [i for side in dict.fromkeys(keep) for i in range(len(texts)) if keep[i] == side]
     ref_texts, ref_keep = [texts[i] for i in by_side], [keep[i] for i in by_side]
     n_tokens = sum(len(tokenize(lm, [t], args.max_length, k)[0]) for t, k in zip(texts, keep, strict=True))
-    print(f"model {lm.name} fp32 on {lm.device}, torch threads {torch.get_num_threads()}; {len(texts)} texts, "
+    print(f"model {lm.name} fp32 weights on {lm.device}, reference in {decision.dtype}, "
+          f"torch threads {torch.get_num_threads()}; {len(texts)} texts, "
           f"{n_tokens} tokens (max {args.max_length}/text), batch size {args.batch_size}; CPU shared with others")
 
     mid, last = lm.num_layers // 2, lm.num_layers
     results = []
     for layer in (mid, last):
         # Warm-up every path once (first-call allocations, kernel selection).
-        reference(lm, ref_texts[:8], ref_keep[:8], layer, args.max_length, args.batch_size)
+        reference(lm, ref_texts[:8], ref_keep[:8], layer, args.max_length, args.batch_size, amp)
         t_ref, (ref_rows, padded) = timed(
-            lambda layer=layer: reference(lm, ref_texts, ref_keep, layer, args.max_length, args.batch_size),
+            lambda layer=layer: reference(lm, ref_texts, ref_keep, layer, args.max_length, args.batch_size, amp),
             args.repeats)
         # Rows whose norm is far above the median: massive activations at a few non-first tokens.
         norms = np.linalg.norm(ref_rows, axis=1)
         massive = norms > 5 * np.median(norms)
         print(f"layer {layer}: reference {t_ref:.2f} s, {padded} padded positions for {n_tokens} tokens")
-        for compute in ("auto", "native"):
+        # The default, and the model's own fp32 when the default is bf16 autocast (its accuracy costs nothing then).
+        for compute in ("auto",) + (("native",) if decision.dtype == "bf16" else ()):
             ours(lm, texts[:8], keep[:8], layer, args.max_length, args.batch_size, compute)
             t_ours, parts = timed(lambda layer=layer, c=compute: ours(lm, texts, keep, layer, args.max_length,
                                                                       args.batch_size, c), args.repeats)
@@ -122,15 +148,20 @@ def main() -> int:
             mode = parts[0].compute
             print(f"  ours ({mode}): {t_ours:.2f} s; relative error {100 * err:.2f}% over {len(got)} rows, "
                   f"{100 * rest:.2f}% without the {int(massive.sum())} massive-activation rows")
-            results.append((layer, mode, t_ref, t_ours, err))
+            results.append((layer, compute, t_ref, t_ours, err))
     for layer, mode, _t_ref, _t_ours, err in results:
         name = "middle" if layer == mid else "last"
         print(f"ERROR extract_{name}_layer{layer}_{mode} relative_error={err:.4f}")
-    for layer, mode, t_ref, t_ours, _err in results:
+    block_params = sum(p.numel() for p in lm.decoder_layers[0].parameters())
+    for layer, compute, t_ref, t_ours, _err in results:
         name = "middle" if layer == mid else "last"
-        suffix = "" if mode == "bf16" else "_fp32"  # the default (auto) is bf16 autocast for an fp32 model
+        suffix = "" if compute == "auto" else "_native_fp32"
         print(f"RESULT extract_{name}_layer{layer}{suffix}_vs_hf_output_hidden_states ratio={t_ref / t_ours:.2f} "
               f"ours={t_ours:.3f} theirs={t_ref:.3f} unit=s")
+        if compute == "auto":
+            useful = 2 * block_params * layer * n_tokens / t_ours
+            print(f"RESULT extract_{name}_layer{layer}_{decision.dtype}_matmul_ceiling ratio={useful / peak:.3f} "
+                  f"ours={useful / 1e9:.1f} theirs={peak / 1e9:.1f} unit=GFLOP/s")
     return 0
 
 

@@ -2,19 +2,21 @@
 
     .venv/bin/python bench/bench_tuning.py [--rounds 2] [--threads 1] [--batch-size 8] [--n 16] [--compile]
 
-Both train 20 virtual tokens on the embedded SmolLM2-135M (loaded in fp32) with
-bf16 compute and the same thread count:
+Both train 20 virtual tokens on the embedded SmolLM2-135M (loaded in fp32) with the same thread count, in the
+dtype `core.compute` picks for this CPU ("auto": bf16 only where bf16 matmuls are clearly faster, else fp32):
 - PEFT: `get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", prompt_tuning_init=RANDOM))`, trained the
   documented way: DataLoader-style shuffled batches padded on the right with an attention mask, labels -100 off
-  the answer, `model(input_ids, attention_mask, labels).loss.backward()` under `torch.autocast("cpu", bfloat16)`.
-- ours: `core.tuning` (bf16 weights made once, batches bucketed by length, logits only at answer positions).
+  the answer, `model(input_ids, attention_mask, labels).loss.backward()`, under `torch.autocast("cpu", bfloat16)`
+  where the chosen dtype is bf16 (what a user of PEFT would run on this device), in plain fp32 otherwise.
+- ours: `core.tuning` at compute "auto" (bf16 weights made once when bf16, batches bucketed by length, logits only
+  at answer positions).
 Each round passes every example once per method and dataset, interleaved (PEFT, ours, PEFT, ours ...); the first
 round is a warm-up, and tokens/s is the median over the measured rounds. Tokens are real (non-pad) tokens,
 identical for both. Peak memory is the RSS high-water mark
 (VmHWM) of a fresh child process per method running the same examples, so neither pays for the other's state.
 The ceiling line divides our useful FLOP rate (4·N·tokens for the forward and the backward to activations, N the
 non-embedding parameters, with the 20 virtual tokens counted as tokens, plus 4·d·V per answer token for the head)
-by this machine's bf16 matrix-product rate measured here (2048 x 2048 x 2048).
+by this machine's matrix-product rate in the chosen dtype, measured here (2048 x 2048 x 2048).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+
+from core.compute import cpu_model_name  # noqa: E402
 
 N_VIRTUAL = 20
 
@@ -57,7 +61,7 @@ class Ours:
     def __init__(self, lm, examples: list, batch_size: int, compiled: bool = False) -> None:
         from core.tuning import build_prompt, compute_model, encode_examples
 
-        self.model, self.amp = compute_model(lm, "bf16", compiled=compiled)
+        self.model, self.amp = compute_model(lm, "auto", compiled=compiled)
         self.items = encode_examples(lm.tokenizer, examples, max_length=4096)
         self.pad, self.bs = lm.tokenizer.pad_token_id, batch_size
         self.prompt = build_prompt("soft", lm.hidden_size, lm.num_layers, n_tokens=N_VIRTUAL)
@@ -86,6 +90,7 @@ class Peft:
     def __init__(self, lm, examples: list, batch_size: int) -> None:
         from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 
+        from core.compute import decide
         from core.tuning import encode_examples
 
         config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL,
@@ -96,6 +101,7 @@ class Peft:
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=3e-3,
                                      weight_decay=0.0)
         self.rng = random.Random(0)
+        self.bf16 = decide(lm).dtype == "bf16"  # the dtype a user would pick here, the same choice as ours
 
     def batch(self, idx: list[int]) -> dict:
         width = max(len(self.items[i].ids) for i in idx)
@@ -115,7 +121,7 @@ class Peft:
         tokens = answers = rows = 0
         for start in range(0, len(order) - self.bs + 1, self.bs):
             idx = order[start: start + self.bs]
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
                 loss = self.model(**self.batch(idx)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
@@ -127,8 +133,8 @@ class Peft:
         return tokens, answers, rows
 
 
-def bf16_rate(reps: int = 5) -> float:
-    a, b = torch.randn(2048, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
+def matmul_rate(dtype: torch.dtype, reps: int = 5) -> float:
+    a, b = torch.randn(2048, 2048).to(dtype), torch.randn(2048, 2048).to(dtype)
     a @ b
     best = float("inf")
     for _ in range(reps):
@@ -171,10 +177,14 @@ def main() -> int:
     if args.child:
         child(args.child, args)
         return 0
+    from core.compute import decide
     from core.models import load_model
 
     torch.set_num_threads(args.threads)
     lm = load_model(device="cpu")
+    decision = decide(lm)
+    print(f"device cpu: {cpu_model_name()} ({torch.backends.cpu.get_cpu_capability()}); "
+          f"compute auto -> {decision.reason}")
     sets = load_sets(lm, args.n, args.qa_max_tokens, args.n_qa)
     params = {id(p): p for p in lm.model.parameters()}
     n_nonembed = sum(p.numel() for p in params.values()) - lm.model.get_input_embeddings().weight.numel()
@@ -203,7 +213,7 @@ def main() -> int:
                     t = totals[(name, method)]
                     t[0], t[1], t[2] = t[0] + tokens, t[1] + elapsed, t[2] + 1
                     flops[method] += 4 * n_nonembed * (tokens + N_VIRTUAL * rows) + 4 * d * vocab * answers
-    rate = bf16_rate()
+    rate = matmul_rate(torch.bfloat16 if decision.dtype == "bf16" else torch.float32)
     mem = {}
     for method in methods:
         out = subprocess.run([sys.executable, __file__, "--child", method, "--threads", str(args.threads),
@@ -217,7 +227,7 @@ def main() -> int:
         mem[method] = json.loads(line[-1])
         print(f"memory {method}: loaded {mem[method]['loaded_mb']:.0f} MB, peak {mem[method]['peak_mb']:.0f} MB")
     achieved = {m: flops[m] / sum(totals[(s, m)][1] for s in sets) for m in methods}
-    print(f"bf16 2048^3 matmul: {rate / 1e9:.1f} GFLOP/s; useful rate "
+    print(f"{decision.dtype} 2048^3 matmul: {rate / 1e9:.1f} GFLOP/s; useful rate "
           + ", ".join(f"{m} {achieved[m] / 1e9:.1f} GFLOP/s" for m in methods))
     results = []
     for ours_name in methods[1:]:
@@ -229,7 +239,7 @@ def main() -> int:
                            f"theirs={theirs:.1f} unit=tokens/s")
         results.append(f"RESULT peak_rss{tag}_vs_peft ratio={mem['peft']['peak_mb'] / mem[ours_name]['peak_mb']:.3f} "
                        f"ours={mem[ours_name]['peak_mb']:.0f} theirs={mem['peft']['peak_mb']:.0f} unit=MB")
-        results.append(f"RESULT bf16_matmul_ceiling{tag} ratio={achieved[ours_name] / rate:.3f} "
+        results.append(f"RESULT {decision.dtype}_matmul_ceiling{tag} ratio={achieved[ours_name] / rate:.3f} "
                        f"ours={achieved[ours_name] / 1e9:.1f} theirs={rate / 1e9:.1f} unit=GFLOP/s")
     print("\n".join(results))
     return 0
