@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from core.artifacts import ArtifactStore
 from core.assets import ASSETS, GENERATOR_PROVENANCE
+from core.compute import decide
 from core.models import DEFAULT_MODEL, LoadedModel, load_model
 from core.paths import REPO_ROOT
 
@@ -155,6 +156,7 @@ class Precompute:
             "assets": {a.key: f"{a.package}=={a.version}" for a in ASSETS.values()}
             | {"math-generator": f"{GENERATOR_PROVENANCE['package']}=={GENERATOR_PROVENANCE['version']}"},
             "budget": self._budget_record(),
+            "compute": decide(self.lm).to_dict(),  # what compute "auto" resolved to on the machine that built them
             "seeds": sorted({s["seed"] for s in gallery_specs(self.budget)}),
             # the command that built the artifacts, and every later one that touched them
             "command": previous.get("command", self.command),
@@ -236,7 +238,7 @@ class Precompute:
             resume = (out / "checkpoint.pt").exists()
             self.log(f"[gallery {i}/{len(specs)}] {spec['name']}{' (resuming)' if resume else ''}")
             bar = tqdm(total=config.steps, desc=spec["name"], unit="step", leave=False)
-            result = train(self.lm, config, out, resume=resume,
+            result = train(self.lm, config, out, resume=resume, force=not resume,  # the gallery owns its folders
                            on_progress=lambda p, bar=bar: bar.update(p.step - bar.n))
             bar.close()
             if result.status != "done":
