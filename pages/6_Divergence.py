@@ -12,8 +12,10 @@ from core.analysis import runs_compare as rc
 NO_RUNS = ("No runs of this model yet. Train one on the *Train* page, or from a shell: "
            "`python -m core train --dataset math --method soft --prior gaussian --steps 40`; "
            "`python -m core precompute` builds the whole gallery of priors.")
-MEASURES = {"collapse_score": "collapse score (Euclidean)", "collapse_score_cos": "collapse score (angular)",
-            "median_nearest_cos": "median nearest-token cosine", "median_manifold_ratio": "distance to manifold (x)",
+MEASURES = {"collapsed_share": "collapsed share", "median_nearest_cos": "median nearest-token cosine",
+            "median_nearest_cos_centered": "median nearest cosine, mean removed",
+            "within_nn_radius_share": "within a neighbour radius (not collapse)",
+            "median_manifold_ratio": "distance to manifold (x)",
             "median_mahalanobis": "median Mahalanobis", "median_norm_ratio": "norm / vocabulary norm",
             "mean_drift_l2": "drift from init (L2)", "mean_drift_cos": "drift from init (1 - cos)"}
 
@@ -23,6 +25,17 @@ def divergence_view(fingerprint: str, paths: tuple[str, ...], tensor: str, mahal
                     stamps: tuple[float, ...]) -> rc.DivergenceView:
     # fingerprint keys the model (weights and precision), stamps the runs' last save; the model comes from ui_state.
     return rc.divergence_view(ui_state.current_model(), list(paths), tensor, with_mahalanobis=mahalanobis)
+
+
+COLLAPSE_HELP = (
+    "**Collapsed** (Lester et al. 2021, section 7): the cosine to the nearest reference point is at least the "
+    "reference's own median nearest-neighbour cosine, and the norm is within x2 of that point's norm. "
+    "**Mean removed**: the same cosine after subtracting the reference's mean from both sides (plain cosines "
+    "share the vocabulary's mean direction). **Within a neighbour radius** is the old Euclidean score: closer to "
+    "some point than its own nearest neighbour; a short vector near the centre passes it, so an untrained "
+    "N(0, 0.02²) prompt scores 1.0; it does not measure collapse. **Mahalanobis**: points of the fitted Gaussian "
+    "sit near √d (the typical shell, 24 at d = 576), not near 0; a smaller distance is not \"more on the data\". "
+    "Distance to manifold: k-NN distance over the reference's own median k-NN distance.")
 
 
 st.title("Divergence")
@@ -79,18 +92,39 @@ st.caption(view.note + " Grey: reference points (hover for the token)." + outsid
 st.subheader("Aggregate measures of the trained prompts")
 summary = pd.DataFrame(view.summary).T[list(MEASURES)].rename(columns=MEASURES)
 st.dataframe(summary.style.format("{:.3f}"), width="stretch")
-st.caption("Collapse (Euclidean): share of vectors closer to some reference point than that point's nearest "
-           "neighbour is; short vectors near the centre pass it too. Collapse (angular): the same with cosine, "
-           "blind to length. Distance to manifold: k-NN distance over the reference's own median k-NN distance.")
+st.caption(COLLAPSE_HELP)
+st.dataframe(view.step0().assign(measure=lambda f: f["measure"].map(MEASURES)).dropna(subset=["measure"]),
+             width="stretch", hide_index=True, column_config={"step0": "step 0 (prior sample)", "final": "trained"})
 
 measure = st.selectbox("Measure against training step", list(MEASURES), format_func=MEASURES.get, key="div_measure")
 by_step = view.by_step.rename(columns={measure: "value"})
-st.altair_chart(alt.Chart(by_step).mark_line(point=True).encode(
+line = alt.Chart(by_step).mark_line(point=True).encode(
     x=alt.X("step", title="training step"), y=alt.Y("value", title=MEASURES[measure]),
-    color=alt.Color("run", title="run"), tooltip=["run", "step", alt.Tooltip("value", format=".4f")],
-).properties(title=f"{MEASURES[measure]} through training", height=280), width="stretch")
+    color=alt.Color("run", title="run"), tooltip=["run", "step", alt.Tooltip("value", format=".4f")])
+first = alt.Chart(by_step[by_step["step"] == by_step.groupby("run")["step"].transform("min")]).mark_point(
+    size=120, shape="square", filled=True).encode(x="step", y="value", color="run", tooltip=["run", "step", "value"])
+band = view.baseline[view.baseline["measure"] == measure] if not view.baseline.empty else view.baseline
+layers = [line, first]
+if len(band):
+    layers.insert(0, alt.Chart(band).mark_rect(opacity=0.15).encode(
+        y="low", y2="high", color="run", tooltip=["run", "low", "high", "mean", "draws"]))
+st.altair_chart(alt.layer(*layers).properties(title=f"{MEASURES[measure]} through training", height=280),
+                width="stretch")
+st.caption("Squares: step 0, the prior sample the run started from. Shaded band: the range over fresh draws of "
+           "the same prior (untrained prompts). A trained value inside the band says nothing training did. "
+           + view.baseline_note)
+
+st.subheader("When does the read-out settle?")
+st.altair_chart(alt.Chart(view.settled).mark_line(point=True, interpolate="step-after").encode(
+    x=alt.X("step", title="training step"), y=alt.Y("settled_share", title="vectors whose top-1 token is final",
+                                                       scale=alt.Scale(domain=[0, 1])),
+    color="run", tooltip=["run", "step", alt.Tooltip("settled_share", format=".0%")]).properties(height=220),
+    width="stretch")
+st.dataframe(view.settling, width="stretch", hide_index=True)
+st.caption("settled_step: the first snapshot from which a vector's nearest token no longer changes; changes: how "
+           "often it changed; topk_overlap: share of the final top-3 tokens already in the prior sample's top-3.")
 
 st.subheader("Per-vector read-out of the trained prompts")
 cols = ["run", "index", "nearest", "nearest_cos", "top_tokens", "norm_ratio", "manifold_ratio", "mahalanobis",
-        "collapsed", "collapsed_cos", "drift_l2", "drift_cos"]
+        "nearest_cos_centered", "nearest_norm_ratio", "collapsed", "within_nn_radius", "drift_l2", "drift_cos"]
 st.dataframe(view.per_vector[cols], width="stretch", hide_index=True)

@@ -12,8 +12,8 @@ NO_RUNS = ("No runs of this model yet. Train one on the *Train* page, or from a 
            "`python -m core train --dataset math --method soft --prior gaussian --steps 40`; "
            "`python -m core precompute` builds the gallery of every prior with repeated seeds.")
 SHOWN = ["run", "origin", "method", "dataset", "prior", "lr", "seed", "steps_to_loss", "target_loss",
-         "final_val_loss", "metric", "metric_value", "metric_no_prompt", "collapse_score", "collapse_score_cos",
-         "median_manifold_ratio", "mean_drift_l2"]
+         "final_val_loss", "metric", "metric_value", "metric_no_prompt", "init_collapsed_share", "collapsed_share",
+         "median_nearest_cos_centered", "median_manifold_ratio", "mean_drift_l2"]
 
 
 @st.cache_data(show_spinner="Reading runs and measuring their divergence ...", max_entries=16)

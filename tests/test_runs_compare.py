@@ -200,3 +200,30 @@ def test_interpolation_view_round_trips_through_the_artifact_store(gallery, tiny
     assert rc.load_interpolation_view(store, tiny_lm.fingerprint, 3, ["some-other-run"]) is None
     assert rc.load_interpolation_view(store, "another-model", 3, []) is None
     assert rc.load_interpolation_view(store, tiny_lm.fingerprint, 2, []) is None
+
+
+def test_prior_baseline_redraws_the_runs_prior(gallery, tiny_lm):
+    from core.analysis import divergence as dv
+    from core.analysis.run_views import prior_baseline, prior_draws
+
+    run = load_run(gallery / "math-soft-gaussian-0")
+    draws = prior_draws(tiny_lm, run, "soft", n=20, draws=3)
+    assert draws.shape == (3, 20, tiny_lm.hidden_size)
+    assert not np.allclose(draws[0], draws[1])
+    # sigma 0.02 as recorded: the draws' spread matches the run's step-0 sample
+    assert draws.std() == pytest.approx(float(run.snapshots["soft"][0].std()), rel=0.1)
+    ref = dv.ReferenceCloud(tiny_lm.input_embeddings()[:400].numpy(), key="tiny-400")
+    band, why = prior_baseline(tiny_lm, run, "soft", ref, n=20, draws=3)
+    assert why == "" and set(band["measure"]) >= {"collapsed_share", "median_nearest_cos"}
+    assert (band["low"] <= band["mean"]).all() and (band["mean"] <= band["high"]).all()
+    assert (band["draws"] == 3).all()
+
+
+def test_moved_names_stay_importable_from_runs_compare():
+    from core.analysis import claims, loss_curves, run_views, transfer
+
+    assert rc.transfer_matrix is transfer.transfer_matrix and rc.prior_significance is claims.prior_significance
+    assert rc.loss_curves is loss_curves.loss_curves and rc.divergence_view is run_views.divergence_view
+    from core.analysis.runs_compare import DivergenceView, interpolation_positions  # noqa: F401
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        rc.nope  # noqa: B018

@@ -15,14 +15,27 @@ aggregated:
   `core.priors.fitted_gaussian`, passed in; never refitted here);
 - norm relative to the median norm of the reference points;
 - drift from the initial sample: L2 distance and cosine distance (1 - cos);
-- collapse: a vector counts as collapsed when it is closer to some reference
-  point than that point's own nearest neighbour is; the collapse score is the
-  share of collapsed vectors. In Euclidean terms a short vector near the
-  cloud's centre also passes this test (on SmolLM2 the smallest token norm,
-  1.8, is below the median nearest-neighbour distance, 2.0, so an N(0, 0.02^2)
-  sample "collapses" before training). The angular twin `collapse_score_cos`
-  (cosine to some point above that point's best cosine to another point) is
-  blind to length and separates the two cases; both are reported.
+- collapse, in the sense of Lester et al. (2021) section 7 (`collapsed`): a vector
+  has collapsed onto the cloud when (a) the cosine to its most similar reference
+  point is at least the cloud's own median nearest-neighbour cosine (0.79 for
+  SmolLM2's tokens), and (b) its norm is within a factor of 2 of that point's norm.
+  A short vector near the origin fails (b) whatever its direction; a vector
+  pointing nowhere in particular (an N(0, 0.02^2) draw: cosine 0.15) fails (a);
+  the vocabulary's mean vector (cosine 0.89 to its nearest token, from the
+  shared mean direction, but 0.44 of its norm) fails (b). The share of
+  collapsed vectors is `collapsed_share`;
+- centered cosine: the nearest cosine after removing the cloud's mean from both
+  sides, blind to the shared mean direction that inflates plain cosines;
+- within the nearest-neighbour radius (`within_nn_radius`, formerly the
+  Euclidean "collapse score"): closer to some reference point than that point's
+  own nearest neighbour is. It does NOT measure collapse: a short vector near the
+  cloud's centre passes it too (the smallest token norm on SmolLM2, 1.8, is below
+  the median nearest-neighbour distance, 2.0, so an untrained N(0, 0.02^2) sample
+  scores 1.0). Kept, labelled with that caveat, for comparison with old tables.
+
+Mahalanobis distances in d dimensions concentrate near sqrt(d) (24 at d=576) for
+points of the fitted Gaussian itself: that shell is where typical data sits, and
+a distance far below it is atypical too, not "more on the data".
 
 The reference's own k-NN distances cost a V x V pass (about two minutes for
 49k tokens on 2 cores); they are computed once per cloud and kept on disk under
@@ -30,7 +43,8 @@ The reference's own k-NN distances cost a V x V pass (about two minutes for
 
     >>> ref = token_reference(lm)
     >>> report = divergence(prompt, ref, init=prompt0, gaussian=fitted_gaussian(lm))
-    >>> report.summary["collapse_score"], report.per_vector[["nearest", "nearest_cos"]]
+    >>> report.summary["collapsed_share"], report.per_vector[["nearest", "nearest_cos", "collapsed"]]
+    >>> collapsed(prompt, ref)           # np.ndarray[bool] [n]
 """
 
 from __future__ import annotations
@@ -249,11 +263,13 @@ def _compute_reference_knn(vectors: np.ndarray, k: int, progress: Callable[[floa
 class DivergenceReport:
     """Per-vector measures ([n] rows of `per_vector`) and their aggregate (`summary`).
 
-    per_vector columns: index, norm, norm_ratio, nearest, nearest_id, nearest_cos,
-    top_tokens (top-k read-out as "tok (cos)" joined by " | "), knn_dist,
-    manifold_ratio, mahalanobis (NaN without a fit), collapsed, collapsed_cos,
-    and drift_l2, drift_cos (NaN without an initial sample).
-    summary: collapse_score, collapse_score_cos, median_nearest_cos, median_manifold_ratio,
+    per_vector columns: index, norm, norm_ratio, nearest, nearest_id, nearest_cos, nearest_cos_centered,
+    nearest_norm_ratio (norm over the nearest point's norm), top_tokens (top-k read-out as "tok (cos)"
+    joined by " | "), knn_dist, manifold_ratio, mahalanobis (NaN without a fit), collapsed (`collapsed`),
+    within_nn_radius (the old Euclidean test; not collapse), and drift_l2, drift_cos (NaN without an
+    initial sample).
+    summary: collapsed_share, within_nn_radius_share, median_nearest_cos, median_nearest_cos_centered,
+    reference_median_nn_cos, median_manifold_ratio,
     median_mahalanobis, reference_median_mahalanobis, median_norm_ratio,
     mean_drift_l2, mean_drift_cos, n, reference.
     """
@@ -284,7 +300,7 @@ class _Scan:
     top_cos: np.ndarray  # [n, top_k]
     knn_dist: np.ndarray  # [n] mean Euclidean distance to the k nearest reference points
     margin: np.ndarray  # [n] min over points t of |p - t| - nn1(t); < 0: inside some point's neighbour radius
-    cos_margin: np.ndarray  # [n] max over points t of cos(p, t) - nn_cos(t); > 0: inside some point's neighbour cone
+    centered_cos: np.ndarray  # [n] max over points t of cos(p - mu, t - mu), mu = the cloud's mean; 0 for p = mu
 
 
 def _scan(p: np.ndarray, ref: ReferenceCloud, k: int, top_k: int, stats: dict) -> _Scan:
@@ -300,20 +316,28 @@ def _scan(p: np.ndarray, ref: ReferenceCloud, k: int, top_k: int, stats: dict) -
     ref_t = torch.from_numpy(ref.vectors)
     ref_sq = _ref_sq(ref)
     nn1 = torch.from_numpy(stats["nn1"])
-    nn_cos = torch.from_numpy(stats["nn_cos"])
     slack = 1e-2 * float(ref_sq.sqrt().median())
+    # Centered cosines from the same products: (p-mu).(t-mu) = p.t - p.mu - t.mu + mu.mu, no centered copy of the cloud.
+    mu, t_mu, tc_norm = _ref_centering(ref)
+    mu_sq = float(mu @ mu)
+    p_mu = pt @ mu  # [n]
+    pc_norm = (pt.double() - mu.double()).norm(dim=1).float()  # direct, not expanded: exact near the mean
+    at_mean = pc_norm <= 1e-4 * max(float(ref_sq.sqrt().median()), 1e-12)  # p = mu: no direction, centered cos 0
     n = len(pt)
     best_d = torch.zeros((n, 0))
     best_c = torch.zeros((n, 0))
     best_i = torch.zeros((n, 0), dtype=torch.long)
     margin = torch.full((n,), float("inf"), dtype=torch.float64)
-    cos_margin = torch.full((n,), -float("inf"))
+    centered = torch.full((n,), -float("inf"))
     step = max(1, min(len(ref), _CHUNK_ELEMENTS // max(1, 4 * n)))  # few big blocks: n is small
     for start in range(0, len(ref), step):
         block, b_sq = ref_t[start:start + step], ref_sq[start:start + step]
         dot = pt @ block.T  # [n, chunk]
         cos = dot / (p_norm[:, None] * b_sq.sqrt().clamp_min(1e-12)[None, :])
-        cos_margin = torch.maximum(cos_margin, (cos - nn_cos[start:start + step][None, :]).max(1).values)
+        cen = (dot - p_mu[:, None] - t_mu[start:start + step][None, :] + mu_sq) / (
+            pc_norm.clamp_min(1e-12)[:, None] * tc_norm[start:start + step].clamp_min(1e-12)[None, :])
+        centered = torch.maximum(centered, cen.max(1).values)
+        del cen
         all_c = torch.cat([best_c, cos], 1)
         all_i = torch.cat([best_i, torch.arange(start, start + len(block)).expand(n, -1)], 1)
         best_c, order = torch.topk(all_c, min(top_k, all_c.shape[1]), dim=1)
@@ -328,8 +352,9 @@ def _scan(p: np.ndarray, ref: ReferenceCloud, k: int, top_k: int, stats: dict) -
         margin = torch.minimum(margin, gap.min(1).values)
         best_d = torch.topk(torch.cat([best_d, d], 1), min(k, best_d.shape[1] + d.shape[1]), dim=1,
                             largest=False).values
+    centered = torch.where(at_mean, torch.zeros_like(centered), centered.clamp(-1.0, 1.0))
     return _Scan(best_i.numpy(), best_c.double().numpy(), best_d.double().mean(1).numpy(), margin.numpy(),
-                 cos_margin.double().numpy())
+                 centered.double().numpy())
 
 
 def _ref_sq(ref: ReferenceCloud) -> torch.Tensor:
@@ -340,10 +365,21 @@ def _ref_sq(ref: ReferenceCloud) -> torch.Tensor:
     return ref._stats["sq"]
 
 
+def _ref_centering(ref: ReferenceCloud) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cloud's mean mu [d], each row's t.mu [V] and centered norm |t - mu| [V], computed once per cloud object."""
+    if "centering" not in ref._stats:
+        vec = torch.from_numpy(ref.vectors)
+        mu = vec.double().mean(0).float()
+        t_mu = vec @ mu
+        tc_norm = (_ref_sq(ref) - 2 * t_mu + float(mu @ mu)).clamp_min(0.0).sqrt()
+        ref._stats["centering"] = (mu, t_mu, tc_norm)
+    return ref._stats["centering"]
+
+
 def nearest_by_cosine(prompt, ref: ReferenceCloud, top_k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
     """Top-k reference rows by cosine similarity: (row indices [n, top_k], cosines [n, top_k]), best first."""
     p = _as_matrix(prompt, "prompt", ref.dim)
-    stats = {"nn1": np.zeros(len(ref), np.float32), "nn_cos": np.zeros(len(ref), np.float32)}  # unused here
+    stats = {"nn1": np.zeros(len(ref), np.float32)}  # unused here
     scan = _scan(p, ref, 1, top_k, stats)
     return scan.top_ids, scan.top_cos
 
@@ -368,7 +404,10 @@ def divergence(
     ref_knn_median = float(np.median(stats["knn"]))
     ref_norm_median = float(np.median(stats["norms"]))
     norms = np.linalg.norm(p.astype(np.float64), axis=1)
-    collapsed = _collapsed(scan.margin, ref_norm_median)
+    rule = collapse_rule(ref, k=k)
+    nearest_norm_ratio = norms / np.maximum(stats["norms"][top_ids[:, 0]].astype(np.float64), 1e-12)
+    is_collapsed = _collapsed_by_rule(top_cos[:, 0], nearest_norm_ratio, rule)
+    within = _within_nn_radius(scan.margin, ref_norm_median)
 
     frame = pd.DataFrame({
         "index": np.arange(len(p)),
@@ -377,12 +416,14 @@ def divergence(
         "nearest_id": ref.ids[top_ids[:, 0]] if ref.ids is not None else top_ids[:, 0],
         "nearest": [ref.texts[i] for i in top_ids[:, 0]] if ref.texts is not None else top_ids[:, 0].astype(str),
         "nearest_cos": top_cos[:, 0],
+        "nearest_cos_centered": scan.centered_cos,
+        "nearest_norm_ratio": nearest_norm_ratio,
         "top_tokens": [_readout(ref, ids, cos) for ids, cos in zip(top_ids, top_cos, strict=True)],
         "knn_dist": knn_dist,
         "manifold_ratio": knn_dist / max(ref_knn_median, 1e-12),
         "mahalanobis": _mahalanobis(gaussian, p),
-        "collapsed": collapsed,
-        "collapsed_cos": scan.cos_margin > 0,
+        "collapsed": is_collapsed,
+        "within_nn_radius": within,
     })
     if init is not None:
         p0 = _as_matrix(init, "init", ref.dim)
@@ -397,9 +438,11 @@ def divergence(
     summary = {
         "n": len(p),
         "reference": ref.label or ref.key,
-        "collapse_score": float(collapsed.mean()),
-        "collapse_score_cos": float((scan.cos_margin > 0).mean()),
+        "collapsed_share": float(is_collapsed.mean()),
+        "within_nn_radius_share": float(within.mean()),
         "median_nearest_cos": float(np.median(top_cos[:, 0])),
+        "median_nearest_cos_centered": float(np.median(scan.centered_cos)),
+        "reference_median_nn_cos": rule["min_cos"],
         "median_manifold_ratio": float(np.median(frame["manifold_ratio"])),
         "median_mahalanobis": float(np.median(frame["mahalanobis"])),
         "reference_median_mahalanobis": _reference_mahalanobis(gaussian, ref),
@@ -444,17 +487,64 @@ def drift(prompt, init) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
     return l2, np.clip(1.0 - cos, 0.0, 2.0)  # clip rounding below 0
 
 
-def collapse_score(prompt, ref: ReferenceCloud, k: int = DEFAULT_K) -> float:  # noqa: ANN001
-    """Share of prompt vectors [n, d] closer to some reference point than that point's nearest neighbour is."""
+NORM_FACTOR = 2.0  # a collapsed vector's norm is within this factor of its nearest reference point's norm
+
+
+def collapse_rule(ref: ReferenceCloud, k: int = DEFAULT_K) -> dict:
+    """The collapse rule of this cloud as data: {"min_cos": the cloud's median nearest-neighbour cosine,
+    "norm_factor": 2.0, "test": a one-line statement}. The median comes from the cached k-NN table
+    (`reference_knn`, the committed artifact for the embedded model's tokens) and is kept on the cloud object."""
+    key = ("collapse_rule", k)
+    if key not in ref._stats:
+        median = float(np.median(reference_knn(ref, k=k)["nn_cos"]))
+        ref._stats[key] = {
+            "min_cos": median, "norm_factor": NORM_FACTOR,
+            "test": (f"collapsed when the cosine to the nearest reference point is >= {median:.3f} (the reference's "
+                     f"median nearest-neighbour cosine) and the norm is within x{NORM_FACTOR:g} of that point's norm"),
+        }
+    return ref._stats[key]
+
+
+def _collapsed_by_rule(nearest_cos: np.ndarray, norm_ratio: np.ndarray, rule: dict) -> np.ndarray:
+    factor = rule["norm_factor"]
+    # A hair of slack on the cosine: a vector equal to a reference point must pass even after float32 rounding.
+    return (nearest_cos >= rule["min_cos"] - 1e-6) & (norm_ratio >= 1.0 / factor) & (norm_ratio <= factor)
+
+
+def collapsed(prompt, ref: ReferenceCloud, k: int = DEFAULT_K) -> np.ndarray:  # noqa: ANN001
+    """Which prompt vectors [n, d] have collapsed onto the reference cloud: np.ndarray[bool] [n].
+
+    In the sense of Lester et al. (2021) section 7: a vector is collapsed when both hold:
+    (a) the cosine to its most similar reference point is at least the reference's own median
+    nearest-neighbour cosine (`collapse_rule(ref)["min_cos"]`, cached per cloud);
+    (b) its norm is within a factor of 2 of that point's norm.
+    `ref`: `token_reference(lm)` for soft prompts, `activation_reference(...)` for deep ones.
+
+        >>> collapsed(lm.input_embeddings()[:5], token_reference(lm))        # rows of the cloud: all True
+        >>> collapsed(0.1 * lm.input_embeddings()[:5], token_reference(lm))  # right direction, too short: False
+    """
     p = _as_matrix(prompt, "prompt", ref.dim)
+    ids, cos = nearest_by_cosine(p, ref, top_k=1)
     stats = reference_knn(ref, k=k)
-    margin = _scan(p, ref, 1, 1, stats).margin
-    return float(_collapsed(margin, float(np.median(stats["norms"]))).mean())
+    ratio = np.linalg.norm(p.astype(np.float64), axis=1) / np.maximum(stats["norms"][ids[:, 0]].astype(np.float64),
+                                                                       1e-12)
+    return _collapsed_by_rule(cos[:, 0], ratio, collapse_rule(ref, k=k))
 
 
-def _collapsed(margin: np.ndarray, scale: float) -> np.ndarray:
-    # margin = min over points t of (|p - t| - nn1(t)). Strictly inside some token's nearest-neighbour radius
-    # is collapsed; so is sitting on a token whose duplicate makes its radius 0 (margin ~ 0 up to rounding).
+def centered_cosine(prompt, ref: ReferenceCloud) -> np.ndarray:  # noqa: ANN001
+    """Cosine to the most similar reference point after removing the cloud's mean from both: [n].
+
+    Plain cosines between token embeddings share the vocabulary's mean direction (the mean vector itself has
+    cosine 0.89 to its nearest token on SmolLM2); centered, that shared part is gone. The mean itself gives 0.
+    """
+    p = _as_matrix(prompt, "prompt", ref.dim)
+    stats = {"nn1": np.zeros(len(ref), np.float32)}
+    return _scan(p, ref, 1, 1, stats).centered_cos
+
+
+def _within_nn_radius(margin: np.ndarray, scale: float) -> np.ndarray:
+    # margin = min over points t of (|p - t| - nn1(t)). Strictly inside some point's nearest-neighbour radius,
+    # or on a point whose duplicate makes its radius 0 (margin ~ 0 up to rounding). Not a collapse test: see above.
     return margin <= 1e-6 * max(scale, 1e-12)
 
 
@@ -468,7 +558,8 @@ def snapshot_divergence(
     """Aggregate measures at every snapshot: one row per step.
 
     snapshots: [S, n, d] aligned with `steps`; the first snapshot is the initial sample (drift is measured from it).
-    Columns: step, collapse_score, median_nearest_cos, median_manifold_ratio, median_mahalanobis,
+    Columns: step, collapsed_share, within_nn_radius_share, median_nearest_cos, median_nearest_cos_centered,
+    median_manifold_ratio, median_mahalanobis,
     median_norm_ratio, mean_drift_l2, mean_drift_cos.
     """
     snaps = snapshots.detach().float().cpu().numpy() if isinstance(snapshots, torch.Tensor) else np.asarray(snapshots)
@@ -484,17 +575,73 @@ def snapshot_divergence(
     g = flat.groupby("snapshot")
     frame = pd.DataFrame({
         "step": [int(s) for s in steps],
-        "collapse_score": g["collapsed"].mean().to_numpy(dtype=float),
-        "collapse_score_cos": g["collapsed_cos"].mean().to_numpy(dtype=float),
+        "collapsed_share": g["collapsed"].mean().to_numpy(dtype=float),
+        "within_nn_radius_share": g["within_nn_radius"].mean().to_numpy(dtype=float),
         "median_nearest_cos": g["nearest_cos"].median().to_numpy(),
+        "median_nearest_cos_centered": g["nearest_cos_centered"].median().to_numpy(),
         "median_manifold_ratio": g["manifold_ratio"].median().to_numpy(),
         "median_mahalanobis": g["mahalanobis"].median().to_numpy(),
         "median_norm_ratio": g["norm_ratio"].median().to_numpy(),
         "mean_drift_l2": g["drift_l2"].mean().to_numpy(),
         "mean_drift_cos": g["drift_cos"].mean().to_numpy(),
     })
-    return frame[["step", *_TRACK]]
+    return frame[["step", *TRACKED]]
 
 
-_TRACK = ("collapse_score", "collapse_score_cos", "median_nearest_cos", "median_manifold_ratio", "median_mahalanobis",
+TRACKED = ("collapsed_share", "within_nn_radius_share", "median_nearest_cos", "median_nearest_cos_centered",
+          "median_manifold_ratio", "median_mahalanobis",
           "median_norm_ratio", "mean_drift_l2", "mean_drift_cos")
+
+
+def readout_settling(
+    snapshots,  # noqa: ANN001 - [S, n, d]
+    steps: list[int],
+    ref: ReferenceCloud,
+    top_k: int = 3,
+) -> pd.DataFrame:
+    """When does each vector's nearest-token read-out settle? One row per prompt vector.
+
+    snapshots: [S, n, d] aligned with `steps` (the first is the prior sample). Columns: vector,
+    settled_step (the first snapshot step from which the top-1 reference point no longer changes; the
+    first step when it never changed), changes (how many times top-1 changed), initial and final
+    (top-1 text at the first and last snapshot), final_cos, topk_overlap (share of the final top-k
+    already in the first snapshot's top-k), topk_changes (snapshots whose top-k set differs from the
+    one before).
+    """
+    snaps = snapshots.detach().float().cpu().numpy() if isinstance(snapshots, torch.Tensor) else np.asarray(snapshots)
+    if snaps.ndim != 3 or len(snaps) != len(steps):
+        raise ValueError(
+            f"snapshots must be [S, n, d] with S = len(steps) = {len(steps)}; got shape {snaps.shape}"
+        )
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1; got {top_k}")
+    n_snap, n = snaps.shape[:2]
+    ids, cos = nearest_by_cosine(snaps.reshape(n_snap * n, -1), ref, top_k=top_k)
+    ids, cos = ids.reshape(n_snap, n, -1), cos.reshape(n_snap, n, -1)  # [S, n, top_k]
+    top1 = ids[:, :, 0]  # [S, n]
+    changed = top1[1:] != top1[:-1]  # [S-1, n]
+    sets = [[frozenset(ids[s, v]) for v in range(n)] for s in range(n_snap)]
+    rows = []
+    for v in range(n):
+        moves = np.nonzero(changed[:, v])[0]
+        settled = int(steps[moves[-1] + 1]) if len(moves) else int(steps[0])
+        first, last = sets[0][v], sets[-1][v]
+        rows.append({
+            "vector": v, "settled_step": settled, "changes": len(moves),
+            "initial": _label(ref, top1[0, v]), "final": _label(ref, top1[-1, v]), "final_cos": float(cos[-1, v, 0]),
+            "topk_overlap": len(first & last) / len(last),
+            "topk_changes": sum(sets[s][v] != sets[s - 1][v] for s in range(1, n_snap)),
+        })
+    return pd.DataFrame(rows, columns=["vector", "settled_step", "changes", "initial", "final", "final_cos",
+                                       "topk_overlap", "topk_changes"])
+
+
+def settled_share(settling: pd.DataFrame, steps: list[int]) -> pd.DataFrame:
+    """Share of vectors whose top-1 read-out has settled by each step: columns step, settled_share."""
+    settled = settling["settled_step"].to_numpy()
+    return pd.DataFrame({"step": [int(s) for s in steps],
+                         "settled_share": [float((settled <= s).mean()) if len(settled) else np.nan for s in steps]})
+
+
+def _label(ref: ReferenceCloud, row: int) -> str:
+    return repr(ref.texts[row]) if ref.texts is not None else f"#{row}"
