@@ -15,6 +15,8 @@ COMMANDS = {
     "train": ("core.cli_train", "train a soft or deep prompt and write DIR/run.json"),
     "runs": ("core.cli_runs", "list stored runs"),
     "precompute": ("core.precompute", "build the committed artifacts under artifacts/"),
+    "sweep": ("core.cli_sweep", "run a grid of train trials (priors x seeds x settings), locally or on Ray"),
+    "sweeps": ("core.cli_sweeps", "list sweeps, or summarise one per prior with 95% CIs"),
 }
 
 

@@ -1,0 +1,151 @@
+"""Aggregating a sweep: a long table (one row per trial) and, per prior x method x dataset, mean and 95% CI over seeds.
+
+    >>> table = sweep_table("runs/priors")                 # the run table of core.analysis.runs_compare + status
+    >>> summary = sweep_summary(table)                     # long: group, measure, n, mean, sd, ci_low, ci_high
+    >>> format_summary(summary)                            # wide text cells "mean [lo, hi]" for a terminal
+
+Confidence intervals are Student t intervals (scipy.stats.t.interval on the standard error) over the done
+trials of a group; a group with one trial has no interval (NaN, shown as undefined), never a made-up one.
+Divergence measures come from the run table (`runs_compare.runs_table`, which needs the loaded model) or, with
+no model, from a stored run table such as the committed artifacts' runs.csv.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core.analysis import runs_compare as rc
+from core.runs import run_info
+from core.sweep.record import read_sweep
+
+GROUP = ("method", "dataset", "prior")
+MEASURES = ("final_val_loss", "metric_value", "steps_to_loss", "collapse_score", "collapse_score_cos",
+            "median_manifold_ratio", "median_mahalanobis", "mean_drift_l2")
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class _NoModel:
+    """Stands in for a loaded model when none is: the run table then skips divergence (no run matches it)."""
+
+    fingerprint: str = "(no model loaded: divergence not measured)"
+
+
+def _origin(path: Path) -> str:
+    for origin, root in rc.ORIGINS.items():
+        if Path(root).resolve() == path.resolve():
+            return origin
+    return "yours"
+
+
+def sweep_table(path: str | Path, lm=None, target_loss: float | str | None = "auto",  # noqa: ANN001
+                stored: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per trial of the sweep in `path`: trial, status, error, the grid values, and the run table's columns
+    (losses, steps_to_loss, task metric, divergence) for trials that left a run folder.
+
+    lm: the loaded model, to measure divergence; None reads divergence only from `stored` (default: the committed
+    artifacts' runs.csv when `path` is the gallery), else leaves it NaN.
+    """
+    path = Path(path)
+    record = read_sweep(path)
+    origin = _origin(path)
+    entries = [rc.RunEntry(run_info(path / t["name"]), origin) for t in record.get("trials", [])
+               if (path / t["name"] / "run.json").is_file()]
+    if stored is None and lm is None and origin == "precomputed":
+        from core.artifacts import ArtifactStore
+
+        stored = ArtifactStore().load_table("runs")
+    runs = rc.runs_table(lm if lm is not None else _NoModel(), entries, target_loss,
+                         stored=stored if lm is not None else None) if entries else pd.DataFrame()
+    if lm is None and stored is not None and not runs.empty and "run" in stored:
+        measured = [c for c in MEASURES[3:] + ("init_manifold_ratio", "init_mahalanobis") if c in stored]
+        runs = runs.drop(columns=[c for c in measured if c in runs]).merge(
+            stored[["run", *measured]], on="run", how="left")
+    if lm is None and "same_model" in runs:
+        runs = runs.drop(columns="same_model")
+    trials = pd.DataFrame([{"trial": t["name"], "status": t.get("status", "pending"),
+                            "error": (t.get("error") or "").splitlines()[0] if t.get("error") else "",
+                            "seconds": t.get("seconds"), "model": (t.get("model") or {}).get("name"),
+                            **{f"grid.{k}": v for k, v in (t.get("overrides") or {}).items()
+                               if not isinstance(v, dict)},
+                            **{k: (t.get("config") or t.get("options") or {}).get(k)
+                               for k in ("method", "dataset", "prior", "seed", "lr")}}
+                           for t in record.get("trials", [])])
+    if runs.empty:
+        return trials
+    runs = runs.rename(columns={"run": "trial"}).drop(columns=["method", "dataset", "prior", "seed", "lr"],
+                                                      errors="ignore")
+    return trials.merge(runs, on="trial", how="left")
+
+
+def _interval(values: np.ndarray) -> tuple[float, float, float, float]:
+    """(mean, sd, ci_low, ci_high) of `values`: the t interval at CONFIDENCE; NaN bounds for fewer than 2 values."""
+    from scipy import stats
+
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, math.nan, math.nan
+    mean = float(np.mean(values))
+    if n < 2:
+        return mean, math.nan, math.nan, math.nan
+    sd = float(np.std(values, ddof=1))
+    if sd == 0:
+        return mean, 0.0, mean, mean
+    low, high = stats.t.interval(CONFIDENCE, df=n - 1, loc=mean, scale=stats.sem(values))
+    return mean, sd, float(low), float(high)
+
+
+def group_columns(table: pd.DataFrame) -> list[str]:
+    """prior x method x dataset, plus any other setting the sweep varies (lr, model): never the seed."""
+    extra = [c for c in ("lr", "model") if c in table and table[c].nunique(dropna=True) > 1]
+    return [c for c in GROUP if c in table] + extra
+
+
+def sweep_summary(table: pd.DataFrame, measures: tuple[str, ...] = MEASURES,
+                  by: list[str] | None = None) -> pd.DataFrame:
+    """Per group of done trials and measure: n, mean, sd, ci_low, ci_high (95% t interval; NaN when n < 2), and
+    the group's failed trials. Long table: *group columns, measure, n, failed, mean, sd, ci_low, ci_high."""
+    by = by or group_columns(table)
+    cols = [*by, "measure", "n", "failed", "mean", "sd", "ci_low", "ci_high"]
+    if table.empty:
+        return pd.DataFrame(columns=cols)
+    status = table["status"] if "status" in table else pd.Series("done", index=table.index)
+    rows = []
+    for key, group in table.groupby(by, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        done = group[status.loc[group.index] == "done"]
+        failed = int((status.loc[group.index] == "failed").sum())
+        for measure in measures:
+            if measure not in table:
+                continue
+            values = pd.to_numeric(done[measure], errors="coerce").dropna().to_numpy(dtype=float)
+            if not len(values) and table[measure].isna().all():
+                continue
+            mean, sd, low, high = _interval(values)
+            rows.append({**dict(zip(by, key, strict=True)), "measure": measure, "n": len(values), "failed": failed,
+                         "mean": mean, "sd": sd, "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    """The long summary as a wide text table for a terminal: one row per group, "mean [lo, hi]" per measure."""
+    if summary.empty:
+        return pd.DataFrame({"note": ["no done trials yet"]})
+    by = [c for c in summary.columns if c not in ("measure", "n", "failed", "mean", "sd", "ci_low", "ci_high")]
+
+    def cell(r: pd.Series) -> str:
+        if math.isnan(r["mean"]):
+            return "-"
+        ci = "[-]" if math.isnan(r["ci_low"]) else f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}]"
+        return f"{r['mean']:.4g} {ci}"
+
+    text = summary.assign(cell=summary.apply(cell, axis=1))
+    wide = text.pivot_table(index=by, columns="measure", values="cell", aggfunc="first", sort=False)
+    counts = summary.groupby(by, sort=False)[["n", "failed"]].max()
+    out = counts.join(wide).reset_index()
+    return out[[*by, "n", "failed", *[m for m in MEASURES if m in out]]].fillna("-")
