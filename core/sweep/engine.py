@@ -14,6 +14,7 @@ One writer per sweep folder: a second sweep on the same folder raises `core.lock
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import signal
 import threading
@@ -103,6 +104,10 @@ class _Recorder:
                 bar.close()
 
 
+def _same(a: object, b: object) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
 def _matches(planned: dict, found: dict) -> bool:
     """Whether a run's stored config is this trial's: every planned field the run records is equal (the run may
     record more: the prior's resolved parameters; "auto" compute and default deep layers match what they became)."""
@@ -110,11 +115,11 @@ def _matches(planned: dict, found: dict) -> bool:
         if key not in found:
             continue
         if key == "prior_params":
-            if any(found[key].get(k) != v for k, v in value.items()):
+            if any(not _same(found[key].get(k), v) for k, v in value.items()):
                 return False
         elif (key == "compute" and value == "auto") or (key == "layers" and not value):
             continue
-        elif found[key] != value:
+        elif not _same(found[key], value):
             return False
     return True
 
@@ -134,7 +139,7 @@ def plan(path: Path, trials: list[Trial], spec: SweepSpec | None, backend: dict,
         entry = known.get(trial.name)
         if entry is not None and entry.get("config") is not None and trial.config is not None \
                 and not _matches(trial.config, entry["config"]):
-            diff = sorted(k for k in trial.config if entry["config"].get(k) != trial.config[k])
+            diff = sorted(k for k in trial.config if not _same(entry["config"].get(k), trial.config[k]))
             raise ValueError(f"{path / SWEEP_JSON} already holds trial {trial.name} with other settings "
                              f"({', '.join(diff)}); use another --out for a new sweep, or the same options to resume")
         if entry is None:

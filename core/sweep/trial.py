@@ -62,6 +62,7 @@ def run_trial(lm, config: dict, out_dir: str | Path, *, resume: bool = False,  #
     from core.tuning import TrainConfig, train
 
     start = time.perf_counter()
+    before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -70,6 +71,8 @@ def run_trial(lm, config: dict, out_dir: str | Path, *, resume: bool = False,  #
     except Exception as exc:  # noqa: BLE001 - a trial's failure is data for the sweep, not the sweep's end
         return TrialOutcome("failed", f"{type(exc).__name__}: {exc}\n{_short_trace()}",
                             round(time.perf_counter() - start, 2))
+    finally:
+        torch.set_num_threads(before)  # the process (a page, a test session) keeps its own setting
     vals = [h["val_loss"] for h in result.history if h.get("val_loss") is not None]
     steps = result.history[-1]["step"] if result.history else 0
     outcome = TrialOutcome("done", "", round(time.perf_counter() - start, 2), steps, vals[-1] if vals else None)

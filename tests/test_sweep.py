@@ -1,0 +1,196 @@
+"""Sweeps on the tiny random LLaMA: grid expansion, resume, contained failures, the lock, the Ray backend, summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.locks import FolderLock, LockHeld
+from core.sweep import TINY_MODEL, expand, parse_grid, read_sweep, run_sweep, train_parser
+
+SMALL = ["--model", TINY_MODEL, "--dataset", "math", "--steps", "2", "--batch-size", "2", "--n-train", "4",
+         "--n-val", "2", "--eval-n", "0", "--val-every", "1", "--compute", "fp32", "--threads", "1"]
+
+
+def _trials(grid: dict, *extra: str):
+    parser = train_parser()
+    return expand(parser, parser.parse_args([*SMALL, *extra]), grid)
+
+
+def _histories(path) -> dict:
+    return {t["name"]: json.loads((path / t["name"] / "run.json").read_text())["history"]
+            for t in read_sweep(path)["trials"] if t["status"] == "done"}
+
+
+def test_grid_expands_to_named_trials_and_refuses_bad_options():
+    trials = _trials(parse_grid(["prior=gaussian,xavier", "seed=0,1", "prior-param.sigma=0.05"]))
+    assert [t.name for t in trials] == ["soft-math-gaussian-s0-sigma0.05", "soft-math-gaussian-s1-sigma0.05",
+                                        "soft-math-xavier-s0-sigma0.05", "soft-math-xavier-s1-sigma0.05"]
+    assert trials[1].config["seed"] == 1 and trials[0].config["prior_params"] == {"sigma": 0.05}
+    assert trials[0].model == {"name": TINY_MODEL, "precision": "fp32", "device": "auto"}
+    with pytest.raises(ValueError, match="KEY=V1,V2"):
+        parse_grid(["prior"])
+    with pytest.raises(ValueError, match="given twice"):
+        parse_grid(["seed=0", "seed=1"])
+    with pytest.raises(ValueError, match="unknown sweep key 'sede'"):
+        _trials({"sede": ["0"]})
+    with pytest.raises(ValueError, match="--dataset value 'c5' is not one of"):
+        _trials({"dataset": ["c5"]})
+    with pytest.raises(ValueError, match="--seed value 'x' is not valid"):
+        _trials({"seed": ["x"]})
+    bad = _trials({"lr": ["1e-3", "nan"]})
+    assert bad[0].config is not None and bad[1].config is None and "lr must be a positive number" in bad[1].error
+
+
+def test_local_sweep_contains_failures_and_resumes(tiny_lm, tmp_path):
+    out = tmp_path / "sweep"
+    # lr=nan: an invalid config; sigma=1e39: the prior raises (its samples overflow); a NaN clip: the loss diverges
+    trials = _trials({"prior": ["gaussian"], "seed": ["0", "1"], "lr": ["1e-3", "nan"]})
+    trials += _trials({"prior-param.sigma": ["1e39"]}) + _trials({"max-grad-norm": ["nan"]})
+    result = run_sweep(out, trials, lm=tiny_lm, progress=False)
+    record = read_sweep(out)
+    status = {t["name"]: t for t in record["trials"]}
+    assert result.counts == {"pending": 0, "running": 0, "done": 2, "failed": 4}
+    assert "lr must be a positive number" in status["soft-math-gaussian-s0-lrnan"]["error"]
+    assert "non-finite values" in status["soft-math-gaussian-s0-sigma1e39"]["error"]
+    diverged = status["soft-math-gaussian-s0-max-grad-normnan"]
+    assert diverged["status"] == "failed" and "loss" in diverged["error"], diverged  # diverged, with its reason
+    for name in ("soft-math-gaussian-s0-lr1e-3", "soft-math-gaussian-s1-lr1e-3"):
+        assert status[name]["status"] == "done" and status[name]["seconds"] > 0
+        assert (out / name / "run.json").is_file() and status[name]["config"]["lr"] == 1e-3
+    before = _histories(out)
+    again = run_sweep(out, trials, lm=tiny_lm, progress=False)
+    assert again.ran == [] and _histories(out) == before  # done skipped, failed not retried
+    retried = run_sweep(out, trials, lm=tiny_lm, progress=False, retry_failed=True)
+    assert retried.ran == ["soft-math-gaussian-s0-sigma1e39", "soft-math-gaussian-s0-max-grad-normnan"]  # not lr=nan
+    with pytest.raises(ValueError, match="other settings"):
+        run_sweep(out, _trials({"prior": ["gaussian"], "seed": ["0", "1"], "lr": ["1e-3"]}, "--steps", "3"),
+                  lm=tiny_lm, progress=False)
+
+
+def test_second_sweep_on_a_folder_is_refused(tiny_lm, tmp_path):
+    out = tmp_path / "sweep"
+    with FolderLock(out, purpose="another sweep"), pytest.raises(LockHeld, match=f"pid {os.getpid()}"):
+        run_sweep(out, _trials({"seed": ["0"]}), lm=tiny_lm, progress=False)
+
+
+def test_cancel_keeps_a_resumable_trial(tiny_lm, tmp_path):
+    out = tmp_path / "sweep"
+    trials = _trials({"seed": ["0", "1"]}, "--steps", "4")
+    cancel = threading.Event()
+
+    def on_event(kind, name, info):
+        if kind == "progress" and info["step"] >= 2:
+            cancel.set()
+
+    first = run_sweep(out, trials, lm=tiny_lm, progress=False, cancel=cancel, on_event=on_event)
+    assert first.interrupted and first.counts["done"] == 0
+    stopped = read_sweep(out)["trials"][0]
+    assert stopped["status"] == "pending" and "resumes" in stopped["note"]
+    resumed = run_sweep(out, trials, lm=tiny_lm, progress=False)
+    assert resumed.counts["done"] == 2
+    fresh = tmp_path / "fresh"
+    run_sweep(fresh, trials, lm=tiny_lm, progress=False)
+    assert _histories(out) == _histories(fresh)  # resuming from the checkpoint equals an uninterrupted trial
+
+
+def test_summary_has_t_intervals_and_no_interval_for_one_seed():
+    from scipy import stats
+
+    from core.analysis.sweeps import format_summary, sweep_summary
+
+    table = pd.DataFrame({"method": "soft", "dataset": "math", "prior": ["a", "a", "a", "b", "b"],
+                          "seed": [0, 1, 2, 0, 1], "status": ["done"] * 4 + ["failed"],
+                          "final_val_loss": [1.0, 1.2, 1.4, 2.0, np.nan]})
+    summary = sweep_summary(table, measures=("final_val_loss",)).set_index("prior")
+    low, high = stats.t.interval(0.95, 2, loc=1.2, scale=stats.sem([1.0, 1.2, 1.4]))
+    assert summary.loc["a", "n"] == 3 and summary.loc["a", "ci_low"] == pytest.approx(low)
+    assert summary.loc["a", "ci_high"] == pytest.approx(high)
+    assert summary.loc["b", "n"] == 1 and summary.loc["b", "failed"] == 1
+    assert math.isnan(summary.loc["b", "ci_low"]) and math.isnan(summary.loc["b", "ci_high"])
+    assert format_summary(sweep_summary(table, measures=("final_val_loss",)))["final_val_loss"].iloc[1] == "2 [-]"
+
+
+def test_cli_sweep_then_sweeps_summary(tmp_path, capsys):
+    from core.__main__ import main
+
+    out = tmp_path / "cli"
+    argv = ["sweep", *SMALL, "--grid", "prior=gaussian,xavier", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["soft-math-gaussian-s0", "soft-math-xavier-s0"]
+    assert main(["sweep", "--out", str(out), "--no-progress"]) == 0  # resumes from sweep.json: nothing to train
+    assert "0 trial(s) run" in capsys.readouterr().out
+    assert main(["sweeps", str(tmp_path)]) == 0
+    assert "cli" in capsys.readouterr().out
+    assert main(["sweeps", "--summary", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "final_val_loss" in printed and "xavier" in printed
+
+
+def test_committed_gallery_is_a_done_sweep_with_intervals():
+    from core.analysis.sweeps import sweep_summary, sweep_table
+    from core.paths import ARTIFACTS_DIR
+
+    gallery = ARTIFACTS_DIR / "runs"
+    record = read_sweep(gallery)
+    assert record["counts"]["done"] == len(record["trials"]) == 17
+    summary = sweep_summary(sweep_table(gallery), measures=("final_val_loss", "collapse_score"))
+    loss = summary[summary["measure"] == "final_val_loss"].set_index(["method", "dataset", "prior"])
+    assert loss.loc[("soft", "math", "gaussian"), "n"] == 2
+    assert loss.loc[("soft", "math", "gaussian"), "ci_low"] < loss.loc[("soft", "math", "gaussian"), "ci_high"]
+    assert loss.loc[("soft", "squad", "vae"), "n"] == 1 and math.isnan(loss.loc[("soft", "squad", "vae"), "ci_low"])
+    assert summary[summary["measure"] == "collapse_score"]["mean"].notna().all()  # from the committed runs.csv
+
+
+# --------------------------------------------------------------------------- Ray: a local 2-CPU cluster
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    from core.sweep.backends.ray import init_ray
+
+    ray = pytest.importorskip("ray")
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_and_local_backends_give_equal_histories(ray_cluster, tmp_path):
+    node = ray_cluster.nodes()[0]["NodeManagerAddress"]
+    assert node == "127.0.0.1"  # the test cluster listens on localhost only
+    trials = _trials({"prior": ["gaussian", "xavier"], "seed": ["0", "1"]})
+    on_ray = run_sweep(tmp_path / "ray", trials, backend="ray", backend_options={"cpus_per_trial": 1},
+                       progress=False)
+    on_local = run_sweep(tmp_path / "local", trials, backend="local", progress=False)
+    assert on_ray.counts["done"] == on_local.counts["done"] == 4
+    ray_h, local_h = _histories(tmp_path / "ray"), _histories(tmp_path / "local")
+    assert ray_h.keys() == local_h.keys() and len(ray_h) == 4
+    for name in ray_h:
+        for a, b in zip(ray_h[name], local_h[name], strict=True):
+            for key in ("train_loss", "val_loss"):
+                assert (a[key] is None) == (b[key] is None)
+                if a[key] is not None:
+                    assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (name, a, b)
+    assert read_sweep(tmp_path / "ray")["backend_options"]["cpus_per_trial"] == 1
+    assert run_sweep(tmp_path / "ray", trials, backend="ray", progress=False).ran == []
+
+
+def test_ray_killed_worker_fails_only_its_trial(ray_cluster, tmp_path):
+    trials = _trials({"seed": ["0", "1"]}, "--steps", "3")
+    victim = trials[0].name
+
+    def on_event(kind, name, info):
+        if kind == "started" and name == victim:
+            os.kill(info["pid"], signal.SIGKILL)
+
+    result = run_sweep(tmp_path / "killed", trials, backend="ray", on_event=on_event, progress=False)
+    status = {t["name"]: t for t in read_sweep(tmp_path / "killed")["trials"]}
+    assert status[victim]["status"] == "failed" and "worker process died" in status[victim]["error"]
+    assert status[trials[1].name]["status"] == "done" and result.counts["done"] == 1
