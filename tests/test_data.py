@@ -105,7 +105,7 @@ def test_unknown_dataset_split_source_and_n():
         load_examples("squad", split="test")
     with pytest.raises(ValueError, match="source must be 'auto'.*'hub'.*'nowhere.json' is none of these"):
         load_examples("squad", source="nowhere.json")
-    with pytest.raises(ValueError, match=r"asked for n=100000 squad validation .* only \d+ exist"):
+    with pytest.warns(UserWarning, match=r"asked for n=100000 squad validation .* only \d+ exist; returning all"):
         load_examples("squad", n=100_000)
     with pytest.raises(ValueError, match="n must be a positive integer"):
         load_examples("squad", n=0)
@@ -174,7 +174,7 @@ def _hf_rows() -> list[dict]:
 
 
 def _all(source) -> list[Example]:
-    return load_examples("squad", split="train", source=source) + load_examples("squad", source=source)
+    return load_examples("squad", split="validation", source=source)  # a local file is one split, used whole
 
 
 def test_official_and_hf_layouts_load_the_same(tmp_path):
@@ -192,7 +192,8 @@ def test_official_and_hf_layouts_load_the_same(tmp_path):
     assert won.answers == ["Denver Broncos", "The Denver Broncos"] and won.target == " Denver Broncos"
     report = load_report("squad", source=official)
     assert report["dropped_not_span"] == 1 and report["kept"] == 4
-    assert dataset_label("squad", official) == "SQuAD-format file: dev-v1.1.json"
+    assert dataset_label("squad", official) == ("SQuAD-format file: dev-v1.1.json, used whole for the split "
+                                                "asked for")
     assert all(e.source == str(official.resolve()) for e in loaded[0])
 
 

@@ -26,16 +26,29 @@ def prompt_from_run(run: runs_mod.Run, lm) -> torch.nn.Module:  # noqa: ANN001
     return prompt.to(lm.device).eval()
 
 
+def encode_as_in_training(tokenizer, examples: list, max_length: int = 320) -> list:  # noqa: ANN001
+    """Examples encoded as the trainer encodes them: QA passages first cut by `core.data.fit_to_length` to
+    `max_length - 2` tokens around the answer (never the question or the answer), then `max_length` tokens of
+    prompt + answer (`core.tuning.encode_examples`). Without the cut, a long passage loses its beginning, and
+    with it the answer span, to the encoder's last-resort left truncation."""
+    from core.data import fit_to_length
+    from core.tuning import encode_examples
+
+    fitted = [fit_to_length(ex, tokenizer, max_length - 2) if getattr(ex, "dataset", None) == "squad" else ex
+              for ex in examples]
+    return encode_examples(tokenizer, fitted, max_length)
+
+
 @torch.no_grad()
 def prompt_loss(lm, prompt, examples: list, batch_size: int = 8, compute: str = "auto",  # noqa: ANN001
                 max_length: int = 320) -> float:
     """Mean answer-token cross-entropy of `examples` with `prompt` prepended (None: no prompt), encoded as in
-    training (`max_length` tokens of prompt + answer), so a run's own validation loss is reproduced."""
-    from core.tuning import answer_loss, collate, compute_model, encode_examples
+    training (`encode_as_in_training`), so a run's own validation loss is reproduced."""
+    from core.tuning import answer_loss, collate, compute_model
     from core.tuning.batches import fixed_batches
 
     model, autocast = compute_model(lm, compute)
-    items = encode_examples(lm.tokenizer, examples, max_length)
+    items = encode_as_in_training(lm.tokenizer, examples, max_length)
     total, count = 0.0, 0
     for idx in fixed_batches(items, batch_size):
         batch = collate([items[i] for i in idx], lm.tokenizer.pad_token_id).to(lm.device)

@@ -10,6 +10,16 @@ articles, DeepMind's arithmetic generator); "hub" loads rajpurkar/squad,
 allenai/c4 (en, streaming) or deepmind/math_dataset through `datasets`; a path
 loads a local file (SQuAD: the official JSON or Hugging Face rows; c4: JSON
 lines with "text"; math: JSON lines with "question" and "answer").
+
+A local SQuAD file is one split, used whole for the split asked for: the
+official dev file is the validation set (`load_examples("squad", "validation",
+source="dev-v1.1.json")` gives all its answerable questions). To divide one
+file into train and validation by passage, pass `source="split:FILE"`. Local
+c4 and math files have no official split and are always divided by a hash of
+the document or question ("split:" changes nothing for them).
+
+Asking for more examples than a split holds returns all of them, with a
+`UserWarning` that says how many there are.
 `load_report(dataset)` gives counts, dropped answers and answer lengths.
 """
 
@@ -17,6 +27,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from collections.abc import Sequence
 
 from core.assets import ensure_asset
@@ -32,7 +43,7 @@ from core.data.example import (
     render_math_prompt,
     render_qa_prompt,
 )
-from core.data.sources import HubUnavailableError, resolve_source
+from core.data.sources import HubUnavailableError, resolve_source, split_file
 from core.mathgen import ARITHMETIC_MODULES, DIFFICULTIES
 
 __all__ = [
@@ -53,9 +64,11 @@ def _check_n(n: int | None) -> None:
 
 
 def _select(examples: list[Example], n: int | None, seed: int, what: str) -> list[Example]:
-    """`n` examples (all when None) in an order drawn with `seed`."""
+    """`n` examples (all when None, or all with a warning when fewer than `n` exist) in an order drawn with `seed`."""
     if n is not None and n > len(examples):
-        raise ValueError(f"asked for n={n} {what} examples but only {len(examples)} exist; pass n <= {len(examples)}")
+        warnings.warn(f"asked for n={n} {what} examples but only {len(examples)} exist; returning all "
+                      f"{len(examples)}", UserWarning, stacklevel=3)
+        n = len(examples)
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     return [examples[i] for i in order[: len(examples) if n is None else n]]
@@ -84,7 +97,7 @@ def load_examples(
     need an `n`). For "math", `modules` picks arithmetic modules (default all
     nine, mixed) and `difficulty` the generator's entropy band ("easy" | "medium"
     | "hard"). Raises ValueError for an unknown dataset, split, source or
-    module, or an `n` larger than the split; HubUnavailableError when
+    module; HubUnavailableError when
     source="hub" and the hub cannot be reached.
     """
     _check_dataset(dataset)
@@ -97,8 +110,8 @@ def load_examples(
     if dataset == "squad":
         if src == "hub":
             return _select(qa.load_squad_hub(split)[0], n, seed, what)
-        load = qa.load_quac(str(ensure_asset("quac"))) if src == "auto" else qa.load_squad_file(src, _stamp(src))
-        return _select(load.by_split[split], n, seed, what)
+        return _select(_squad_load(src).by_split[split], n, seed, what)
+    src = split_file(src)[0] if src not in ("auto", "hub") else src  # c4 and math files are always divided
     if dataset == "c4":
         if src == "hub":
             if n is None:
@@ -145,13 +158,23 @@ def example_texts(
     return [ex.text for ex in examples]
 
 
+def _squad_load(src: str) -> qa.QALoad:
+    if src == "auto":
+        return qa.load_quac(str(ensure_asset("quac")))
+    path, divide = split_file(src)
+    return qa.load_squad_file(path, _stamp(path), divide)
+
+
 def dataset_label(dataset: str, source: str | os.PathLike = "auto") -> str:
     """An honest label of where the data comes from, for the UI."""
     _check_dataset(dataset)
     src = resolve_source(source)
     if src not in ("auto", "hub"):
+        path, divide = split_file(src)
         kind = {"squad": "SQuAD-format file", "c4": "web text file", "math": "arithmetic file"}[dataset]
-        return f"{kind}: {os.path.basename(src)}"
+        how = ", split by passage" if dataset == "squad" and divide else (
+            ", used whole for the split asked for" if dataset == "squad" else "")
+        return f"{kind}: {os.path.basename(path)}{how}"
     labels = {
         ("squad", "auto"): qa.QUAC_LABEL,
         ("squad", "hub"): f"SQuAD v1.1 ({qa.HUB_NAME}, Hugging Face hub)",
@@ -176,8 +199,8 @@ def load_report(dataset: str, source: str | os.PathLike = "auto") -> dict:
         return {"dataset": dataset, "source": "hub", "label": dataset_label(dataset, "hub"),
                 "notes": "counts of hub datasets are not computed here (it would download them)"}
     if dataset == "squad":
-        load = qa.load_quac(str(ensure_asset("quac"))) if src == "auto" else qa.load_squad_file(src, _stamp(src))
-        return dict(load.report)
+        return dict(_squad_load(src).report)
+    src = split_file(src)[0] if src != "auto" else src
     if dataset == "c4":
         return dict(web.load_news(str(ensure_asset("news")))[1] if src == "auto" else web.load_text_file(
             src, _stamp(src))[1])

@@ -284,8 +284,13 @@ def _report(source: str, label: str, by_split: dict[str, list[Example]], counts:
 
 
 @lru_cache(maxsize=4)
-def load_squad_file(path: str, stamp: tuple[int, int]) -> QALoad:
-    """A local SQuAD file in either layout; split by context hash. `stamp` keys the cache."""
+def load_squad_file(path: str, stamp: tuple[int, int], split_by_passage: bool = False) -> QALoad:
+    """A local SQuAD file in either layout. `stamp` keys the cache.
+
+    By default the file is one split used whole: both `by_split` entries hold every example (the caller asks for
+    the split the file was given for; the official dev file is the validation set). `split_by_passage=True`
+    divides the file into train and validation by a hash of each passage (source="split:FILE").
+    """
     del stamp
     doc: Any = read_json_rows(path, "SQuAD JSON (data -> paragraphs -> qas) or rows with context/question/answers")
     if isinstance(doc, dict) and isinstance(doc.get("data"), list) and doc["data"] and isinstance(
@@ -308,11 +313,17 @@ def load_squad_file(path: str, stamp: tuple[int, int]) -> QALoad:
     examples, counts = rows_to_examples(rows, path, path)
     if not examples:
         raise ValueError(f"{path}: no question has an answer that is a span of its context; nothing to load")
+    if not split_by_passage:
+        report = _report(path, f"SQuAD-format file: {Path(path).name}", {"file": examples}, counts)
+        report["split"] = "the whole file serves the split it is given for (split:FILE divides it by passage)"
+        return QALoad({"train": examples, "validation": examples}, report)
     by_split: dict[str, list[Example]] = {"train": [], "validation": []}
     for ex in examples:
         split = "validation" if in_validation(ex.meta["context"], QA_VALIDATION_FRACTION) else "train"
         by_split[split].append(ex)
-    return QALoad(by_split, _report(path, f"SQuAD-format file: {Path(path).name}", by_split, counts))
+    report = _report(path, f"SQuAD-format file: {Path(path).name}, split by passage", by_split, counts)
+    report["split"] = f"divided by passage hash, {QA_VALIDATION_FRACTION:.0%} of passages to validation"
+    return QALoad(by_split, report)
 
 
 def load_squad_hub(split: str) -> tuple[list[Example], dict]:

@@ -10,6 +10,7 @@ from typing import Any
 from core.hub import hub_host, hub_offline, hub_reachable
 
 SOURCES = ("auto", "hub")
+SPLIT_PREFIX = "split:"  # "split:FILE": divide one local file into train and validation (SQuAD: by passage)
 
 
 class HubUnavailableError(ConnectionError):
@@ -17,16 +18,24 @@ class HubUnavailableError(ConnectionError):
 
 
 def resolve_source(source: str | os.PathLike) -> str:
-    """'auto', 'hub', or the absolute path of an existing file; anything else raises ValueError."""
+    """'auto', 'hub', the absolute path of an existing file, or "split:" + that path; anything else raises
+    ValueError."""
     if isinstance(source, str) and source in SOURCES:
         return source
+    if isinstance(source, str) and source.startswith(SPLIT_PREFIX):
+        return SPLIT_PREFIX + resolve_source(source[len(SPLIT_PREFIX):])
     path = Path(source).expanduser()
     if not path.is_file():
         raise ValueError(
-            f"source must be 'auto' (embedded offline data), 'hub' (Hugging Face datasets) or the path of an "
-            f"existing local file; {str(source)!r} is none of these"
+            f"source must be 'auto' (embedded offline data), 'hub' (Hugging Face datasets), the path of an "
+            f"existing local file, or 'split:' and that path; {str(source)!r} is none of these"
         )
     return str(path.resolve())
+
+
+def split_file(src: str) -> tuple[str, bool]:
+    """(path, whether "split:" asked to divide it) of a resolved local-file source."""
+    return (src[len(SPLIT_PREFIX):], True) if src.startswith(SPLIT_PREFIX) else (src, False)
 
 
 def hub_load(name: str, *args: Any, fallback: str, **kwargs: Any) -> Any:  # noqa: ANN401 - a datasets object

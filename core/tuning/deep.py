@@ -82,6 +82,17 @@ def _grow_mask(mask: torch.Tensor | None, n: int, decoding: bool) -> torch.Tenso
     return torch.cat([deep_rows, grown], dim=-2)
 
 
+def _causal_mask_4d(mask: torch.Tensor, q: int) -> torch.Tensor:
+    """2D padding mask [B, K] (1 = real) of keys -> causal bool mask [B, 1, q, K] for the last q of them.
+    A query with nothing to attend (a left-padding row) attends to itself: finite outputs no real token reads."""
+    k = mask.shape[1]
+    query_at = torch.arange(k - q, k, device=mask.device)  # [q] each query's index among the keys
+    keys = torch.arange(k, device=mask.device)
+    out = mask.bool()[:, None, None, :] & (keys[None, :] <= query_at[:, None])[None, None]  # [B, 1, q, K]
+    alone = ~out.any(-1, keepdim=True)
+    return out | (alone & (keys[None, :] == query_at[:, None])[None, None])
+
+
 @register("deep")
 class DeepPrompt(PromptModule):
     """`soft` [n, d] at the input plus `deep.{layer}` [n, d] prepended at each selected layer."""
@@ -127,6 +138,8 @@ class DeepPrompt(PromptModule):
                              f"the model has {len(layers)}")
         rotary = model.model.rotary_emb
         handles = []
+        if 0 in self.config.layers:
+            handles.append(model.model.register_forward_pre_hook(self._own_mask_hook(), with_kwargs=True))
         for index in self.config.layers:
             pre, post = self._layer_hooks(index, rotary)
             handles.append(layers[index].register_forward_pre_hook(pre, with_kwargs=True))
@@ -136,6 +149,28 @@ class DeepPrompt(PromptModule):
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _own_mask_hook(self):  # noqa: ANN202 - a forward pre-hook of the decoder
+        """With layer 0 prompted, its cache also holds the n deep keys, and LLaMA sizes every layer's mask from
+        layer 0's cache length: n columns too many in each cached decoding step. Build the 4D mask here from the
+        caller's 2D padding mask instead (the model uses a 4D mask as given); the layer hooks widen it where
+        deep vectors sit."""
+        n = self.config.n_tokens
+
+        def pre(module: nn.Module, args: tuple, kwargs: dict):  # noqa: ANN202
+            cache, mask = kwargs.get("past_key_values"), kwargs.get("attention_mask")
+            embeds = kwargs.get("inputs_embeds")
+            if cache is None or embeds is None or (mask is not None and mask.ndim != 2):
+                return None
+            q = embeds.shape[1]
+            if mask is None:
+                past = cache.get_seq_length(0)
+                mask = torch.ones(embeds.shape[0], (past - n if past > 0 else 0) + q, dtype=torch.bool,
+                                  device=embeds.device)
+            kwargs["attention_mask"] = _causal_mask_4d(mask, q)
+            return args, kwargs
+
+        return pre
 
     def _layer_hooks(self, index: int, rotary: nn.Module):  # noqa: ANN202 - pair of hook callables
         n = self.config.n_tokens

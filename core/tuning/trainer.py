@@ -126,12 +126,22 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def _check_one_file_source(config: TrainConfig) -> None:
+    """A local SQuAD file serves one split whole, so training and validating from it would share questions."""
+    src = str(config.source)
+    if config.dataset == "squad" and src not in ("auto", "hub") and not src.startswith("split:"):
+        raise ValueError(
+            f"source {src!r} is one SQuAD file, used whole for each split asked for: training and validation "
+            f"would be the same questions. Pass source='split:{src}' to divide it by passage, or pass examples")
+
+
 def _load_data(config: TrainConfig, lm, examples: tuple | None) -> tuple[list, list, list]:
     if examples is not None:
         train_ex, val_ex, eval_ex = examples
     else:
         from core.data import load_examples
 
+        _check_one_file_source(config)
         train_ex = load_examples(config.dataset, split="train", n=config.n_train, seed=config.seed,
                                  source=config.source)
         held = load_examples(config.dataset, split="validation", n=config.n_val + config.eval_n, seed=config.seed,
@@ -182,7 +192,9 @@ def initial_tensors(
     if need:
         from core.priors import make_prior
 
-        params = config.prior_params
+        # The prior's own seed (its fit, e.g. a VAE's training) is the run's seed unless prior_params fixes one;
+        # without this every run recorded the prior's default seed 0, whatever seed drew its sample.
+        params = {"seed": config.seed, **config.prior_params}
         sources = [params.get(k) for k in ("source", "source_a", "source_b") if params.get(k) is not None]
         # A prior fitted on datasets' activations with no fixed layer draws each tensor at its own input:
         # the soft prompt at layer 0 (token level), the vectors of block l at activation layer l, so every
