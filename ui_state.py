@@ -91,10 +91,22 @@ def sidebar() -> None:
         st.selectbox("Dataset", list(DATASETS), key="dataset", format_func=DATASETS.get)
 
 
+def show_unreadable_runs() -> None:
+    """One row per run folder (yours or the gallery's) whose run.json cannot be read: its file and the problem."""
+    from core.analysis.runs_compare import ORIGINS
+    from core.runs import scan_runs
+
+    problems = [p for root in ORIGINS.values() for p in scan_runs(root).problems]
+    if problems:
+        st.warning(f"{len(problems)} run folder(s) cannot be read and are left out; fix or delete their run.json:")
+        st.dataframe([{"file": str(p.file), "problem": p.problem} for p in problems], hide_index=True)
+
+
 def model_runs_or_stop(lm: LoadedModel, use: str, no_runs: str) -> list:
     """Runs trained on the loaded model (`RunEntry`s); says how many others are hidden, stops the page if none."""
     from core.analysis.runs_compare import runs_for_model
 
+    show_unreadable_runs()
     mine, others = runs_for_model(lm)
     if others:
         st.caption(f"{len(others)} run(s) trained on other weights are hidden: load their model to {use} them.")

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shlex
+import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import fields
+from pathlib import Path
 
 from core.tuning.trainer import TrainConfig
 
@@ -56,7 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=0, help="0: 12 for math, 40 for squad")
     parser.add_argument("--max-length", type=int, default=d.max_length)
     parser.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its checkpoint (a larger --steps extends a finished run)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the run in --out (only its own files; a folder holding others is refused)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decoder layers for training (bf16 on an fp32 model; ~1 min to compile)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -79,15 +89,17 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from core.models import load_model
-    from core.runs import new_run_dir
+    from core.runs import check_run_dir, reserve_run_dir
     from core.tuning import train
 
     if args.threads:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
-    if args.resume and not args.out:
-        raise SystemExit("--resume needs --out DIR, the run folder to continue")
-    out = args.out or new_run_dir(f"{args.method}-{args.dataset}-{args.prior}-s{args.seed}")
+    if (args.resume or args.force) and not args.out:
+        raise ValueError(f"--{'resume' if args.resume else 'force'} needs --out DIR, the run folder to "
+                         f"{'continue' if args.resume else 'replace'}")
+    if args.out:
+        check_run_dir(args.out, resume=args.resume, force=args.force)  # before the model loads; again under the lock
     wall = time.perf_counter()
     lm = load_model(args.model, precision=args.precision, device=args.device)
     from core.compute import decide
@@ -107,19 +119,77 @@ def run(args: argparse.Namespace) -> int:
                         val=f"{last_val[-1]:.3f}" if last_val else "-", tok_s=f"{p.tokens_per_s:.0f}")
         bar.refresh()
 
-    result = train(lm, config, out, resume=args.resume, on_progress=on_progress)
-    bar.close()
+    out = Path(args.out) if args.out else reserve_run_dir(f"{args.method}-{args.dataset}-{args.prior}-s{args.seed}")
+    cancel = threading.Event()
+    try:
+        with _cancel_on_signals(cancel) as caught:
+            result = train(lm, config, out, resume=args.resume, force=args.force, on_progress=on_progress,
+                           cancel=cancel)
+    except BaseException:
+        if not args.out and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # the folder reserved for this run holds nothing
+        raise
+    finally:
+        bar.close()
     m = result.metrics
     print(f"\nrun: {result.path}  status: {result.status}  wall: {time.perf_counter() - wall:.1f} s "
           f"(training {m.get('train_seconds')} s, {m.get('train_tokens_per_s')} tokens/s)")
-    if result.message:
+    if result.status == "cancelled":
+        print(f"cancelled at step {result.history[-1]['step']} of {config.steps}, checkpoint saved; resume with: "
+              f"{resume_command(getattr(args, 'argv', None), out)}")
+    elif result.message:
         print(result.message)
     if m.get("initial_val_loss") is not None:
+        change = m.get("val_loss_reduction", 0)
         print(f"val loss: {m['initial_val_loss']:.4f} -> {m['final_val_loss']:.4f} "
-              f"({100 * m.get('val_loss_reduction', 0):.1f}% lower)")
+              f"({100 * abs(change):.1f}% {'lower' if change >= 0 else 'higher'})")
     for kind in ("prompt", "no_prompt", "text_prompt"):
         scores = m.get("eval", {}).get(kind)
         if scores:
             shown = ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if k in ("accuracy", "exact_match", "f1"))
             print(f"  {kind:12s} n={scores['n']}: {shown}")
-    return 0 if result.status in ("done", "cancelled") else 1
+    if result.status == "cancelled":
+        return 128 + (caught[0] if caught else signal.SIGINT)  # the shell's code for a run stopped by a signal
+    return 0 if result.status == "done" else 1
+
+
+def resume_command(argv: list[str] | None, out: str | Path) -> str:
+    """The command that continues this run: the same `train` options, `--out DIR --resume`."""
+    tokens = list(argv if argv is not None else sys.argv[1:])
+    kept, skip = [], False
+    for tok in tokens:
+        if skip:
+            skip = False
+        elif tok == "--out":
+            skip = True
+        elif tok not in ("--resume", "--force") and not tok.startswith("--out="):
+            kept.append(tok)
+    if "train" not in kept:
+        kept = ["train", *kept]
+    return "python -m core " + shlex.join([*kept, "--out", str(out), "--resume"])
+
+
+@contextlib.contextmanager
+def _cancel_on_signals(cancel: threading.Event) -> Iterator[list[int]]:
+    """SIGINT (Ctrl-C) and SIGTERM set `cancel`: the run stops after its current step and saves. A second one
+    stops at once (KeyboardInterrupt: the run is left `interrupted`, resumable from its last checkpoint).
+    Yields the list of signals caught."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+        cancel.set()
+        print(f"\n{signal.Signals(signum).name}: stopping after the current step and saving "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

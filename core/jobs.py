@@ -34,7 +34,7 @@ class Job:
     config: TrainConfig
     out_dir: Path
     cancel_event: threading.Event = field(default_factory=threading.Event)
-    state: str = "starting"  # starting, running, evaluating, done, cancelled, nonfinite, failed
+    state: str = "starting"  # starting, running, evaluating, done, cancelled, diverged, failed
     progress: Progress | None = None
     message: str = ""
     error: str = ""
@@ -49,7 +49,7 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        return self.state in ("done", "cancelled", "nonfinite", "failed")
+        return self.state in ("done", "cancelled", "diverged", "failed")
 
     def snapshot(self) -> dict:
         """A consistent copy of the job's state for display (safe from another thread)."""

@@ -196,6 +196,23 @@ def _check_hub_id(name: str) -> None:
         )
 
 
+def _local_folder(name: str) -> Path | None:
+    """The local model folder `name` names, or None for a hub id.
+
+    Raises ModelLoadError for a folder, or a path-like name (./x, ../x, /x, ~/x), that holds no config.json,
+    instead of letting transformers read it as a hub id.
+    """
+    path = Path(name).expanduser()
+    if not (name.startswith(("./", "../", "/", "~")) or path.exists()):
+        return None
+    if path.is_dir() and (path / "config.json").is_file():
+        return path.resolve()
+    why = ("the folder does not exist" if not path.exists() else
+           "it is a file, not a folder" if not path.is_dir() else "the folder holds no model")
+    raise ModelLoadError(f"no config.json in {path} ({why}): a local model folder needs config.json and the "
+                         f"weights, as save_pretrained writes them; or use {DEFAULT_MODEL!r} or a hub id")
+
+
 def load_model(name: str = DEFAULT_MODEL, precision: str = "fp32", device: str = "auto") -> LoadedModel:
     """Load a frozen causal LM.
 
@@ -212,8 +229,8 @@ def load_model(name: str = DEFAULT_MODEL, precision: str = "fp32", device: str =
         folder: str | Path = _embedded_dir()
         display, source = DEFAULT_MODEL, f"embedded: {ASSETS['smollm2'].description}"
         weights_id = f"smollm2-135m-instruct-gguf-{ASSETS['smollm2'].sha256[:16]}"
-    elif Path(name).expanduser().is_dir():
-        folder = Path(name).expanduser().resolve()
+    elif _local_folder(name):
+        folder = _local_folder(name)
         display, source = folder.name, f"local folder {folder}"
         weights_id = f"local-{_local_fingerprint(folder)}"
     else:

@@ -4,16 +4,36 @@
     DIR/prompt.safetensors      "soft" [n, d] and, for deep prompts, "deep.{layer}" [n, d]
     DIR/snapshots.safetensors   the same keys, each [S, n, d], aligned with snapshot_steps (step 0 = the prior sample)
     DIR/checkpoint.pt           optimizer, scheduler and RNG state, so the run can be resumed exactly
+    DIR/.lock                   while a process trains it (core.locks.FolderLock): {pid, host, started, purpose}
 
 User runs live under RUNS_DIR (gitignored; `PRIOR_LAB_RUNS` moves it).
+
+A run folder belongs to one run. `reserve_run_dir` creates a new one atomically
+(a unique name even for runs started in the same second); `claim_run_dir` locks a
+folder and checks it may be written (an empty or new folder; an existing run only to
+resume or, with force, to replace it; never a folder holding other files). run.json
+lists the files the run wrote ("files"); `delete_run` removes only those.
+
+Statuses (run.json "status", as `run_info` reports it):
+    running      training (its process holds the lock)
+    evaluating   training done, measuring task metrics
+    done         finished
+    cancelled    stopped on request (Ctrl-C, SIGTERM, the page's Cancel); resumable
+    diverged     a loss became non-finite or grew past DIVERGE_FACTOR x the initial validation loss;
+                 run.json["diverged"] = {"step", "reason", ...}
+    interrupted  run.json says running/evaluating but no live process holds the lock (it died); resumable
+    unreadable   (listing only) run.json cannot be read or has the wrong shape: see `scan_runs`
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
+import secrets
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +41,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core import paths
+from core.locks import LOCK_FILE, FolderLock, lock_holder
 
 RUN_JSON, PROMPT_FILE, SNAPSHOT_FILE, CHECKPOINT_FILE = (
     "run.json", "prompt.safetensors", "snapshots.safetensors", "checkpoint.pt")
+RUN_FILES = (RUN_JSON, PROMPT_FILE, SNAPSHOT_FILE, CHECKPOINT_FILE)  # what a run writes: its default manifest
+LIVE_STATUSES = ("running", "evaluating")  # a run in these states needs a live lock holder, else it is interrupted
+
+
+class RunFolderError(ValueError):
+    """A folder cannot be used (or deleted) as a run folder as asked; the message says why and what to do."""
 
 
 @dataclass
@@ -42,12 +69,36 @@ class RunInfo:
     final_val_loss: float | None
     created: str
     metric: dict = field(default_factory=dict)
+    note: str = ""  # why the status is what it is (the divergence, the dead lock holder), or ""
 
     def row(self) -> dict:
         """A flat dict for a table."""
         return {"name": self.name, "method": self.method, "dataset": self.dataset, "prior": self.prior,
                 "lr": self.lr, "steps": f"{self.steps_done}/{self.steps}", "status": self.status,
-                "final val loss": self.final_val_loss, **self.metric, "created": self.created, "path": str(self.path)}
+                "final val loss": self.final_val_loss, **self.metric, "created": self.created, "note": self.note,
+                "path": str(self.path)}
+
+
+@dataclass
+class RunProblem:
+    """A run folder whose run.json cannot be listed: the file and what is wrong with it."""
+
+    path: Path
+    file: Path
+    problem: str
+
+    def row(self) -> dict:
+        """A flat dict for the same table as `RunInfo.row()` (status "unreadable")."""
+        return {"name": self.path.name, "status": "unreadable", "note": f"{self.file}: {self.problem}",
+                "path": str(self.path)}
+
+
+@dataclass
+class RunScan:
+    """Every run folder under a root: the readable runs (newest first) and the unreadable ones."""
+
+    runs: list[RunInfo]
+    problems: list[RunProblem]
 
 
 @dataclass
@@ -77,12 +128,30 @@ class Run:
         return [(h["step"], h["val_loss"]) for h in self.history if h.get("val_loss") is not None]
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask alone must set it to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write) -> None:  # noqa: ANN001 - write(tmp_path) callable
+    """Write `path` through a temporary file beside it, so a reader never sees half a file.
+
+    The file gets the user's normal permissions (0666 less the umask), not tempfile's private 0600.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -102,11 +171,62 @@ def is_run(path: Path) -> bool:
 
 
 def read_run_json(path: str | Path) -> dict:
+    """run.json of the run folder `path`, checked: raises FileNotFoundError (no run) or ValueError (malformed)."""
     path = Path(path)
     file = path / RUN_JSON
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a run folder (no {RUN_JSON}); list runs with `python -m core runs`")
-    return json.loads(file.read_text())
+    try:
+        data = json.loads(file.read_text())
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{file} is not text ({exc.reason})") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
+    problem = run_json_problem(data)
+    if problem:
+        raise ValueError(f"{file}: {problem}")
+    return data
+
+
+def _is_number(value: object, allow_none: bool = False) -> bool:
+    if value is None:
+        return allow_none
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def run_json_problem(data: object) -> str | None:
+    """What is wrong with a parsed run.json (None when it has the shape runs are read with).
+
+    Non-finite losses are allowed (a diverged run records them); strings, lists and other types are not.
+    """
+    if not isinstance(data, dict):
+        return f"expected an object {{config, history, ...}}, found {type(data).__name__}"
+    for key, kind in (("config", dict), ("history", list), ("metrics", dict), ("snapshot_steps", list)):
+        if key in data and not isinstance(data[key], kind):
+            return f"{key!r} is {type(data[key]).__name__} {str(data[key])[:40]!r}, expected a {kind.__name__}"
+    if "config" not in data:
+        return "no 'config': not written by `core train`"
+    for i, h in enumerate(data.get("history", [])):
+        if not isinstance(h, dict):
+            return f"history[{i}] is {type(h).__name__}, expected {{step, train_loss, val_loss}}"
+        if not isinstance(h.get("step"), int) or isinstance(h.get("step"), bool):
+            return f"history[{i}].step is {h.get('step')!r}, expected an integer"
+        for key in ("train_loss", "val_loss"):
+            if not _is_number(h.get(key), allow_none=True):
+                return f"history[{i}].{key} is {h.get(key)!r}, expected a number or null"
+    for key in ("status", "created"):
+        if key in data and not isinstance(data[key], str):
+            return f"{key!r} is {data[key]!r}, expected a string"
+    if "steps_done" in data and not (isinstance(data["steps_done"], int) and not isinstance(data["steps_done"], bool)):
+        return f"'steps_done' is {data['steps_done']!r}, expected an integer"
+    config = data["config"]
+    if "lr" in config and not _is_number(config["lr"]):
+        return f"config.lr is {config['lr']!r}, expected a number"
+    if "steps" in config and not (isinstance(config["steps"], int) and not isinstance(config["steps"], bool)):
+        return f"config.steps is {config['steps']!r}, expected an integer"
+    if "files" in data and not (isinstance(data["files"], list) and all(isinstance(f, str) for f in data["files"])):
+        return f"'files' is {data['files']!r}, expected a list of file names"
+    return None
 
 
 def load_run(path: str | Path) -> Run:
@@ -123,57 +243,232 @@ def load_run(path: str | Path) -> Run:
 
 def _headline_metric(metrics: dict) -> dict:
     tuned = metrics.get("eval", {}).get("prompt", {})
-    return {k: tuned[k] for k in ("accuracy", "exact_match", "f1") if k in tuned}
+    return {k: tuned[k] for k in ("accuracy", "exact_match", "f1") if k in tuned and _is_number(tuned[k])}
+
+
+def live_status(path: str | Path, data: dict) -> tuple[str, str]:
+    """(status, note) of a run as it is now: "running" in run.json with no live lock holder is "interrupted"."""
+    status = str(data.get("status", "?"))
+    note = str(data.get("message", "") or "")
+    if status == "diverged" and isinstance(data.get("diverged"), dict):
+        d = data["diverged"]
+        note = f"diverged at step {d.get('step')}: {d.get('reason', '')}"
+    if status in LIVE_STATUSES:
+        holder = lock_holder(path)
+        if holder is None or holder.alive is False:
+            who = f" (its process, {holder.describe()}, is gone)" if holder is not None else " (no process holds it)"
+            return "interrupted", f"was {status} at step {data.get('steps_done', '?')}{who}; resume it with --resume"
+        if holder.alive is None:
+            note = f"{status} on {holder.host} (pid {holder.pid}); cannot tell from here whether it still runs"
+    return status, note
 
 
 def run_info(path: Path) -> RunInfo:
+    """The list line of one run (raises FileNotFoundError or ValueError naming the file and the problem)."""
     data = read_run_json(path)
     config, history = data.get("config", {}), data.get("history", [])
     vals = [h["val_loss"] for h in history if h.get("val_loss") is not None]
+    status, note = live_status(path, data)
     return RunInfo(
-        path=Path(path), name=Path(path).name, method=config.get("method", "?"), dataset=config.get("dataset", "?"),
-        prior=config.get("prior", "?"), lr=config.get("lr", float("nan")), steps=config.get("steps", 0),
-        steps_done=data.get("steps_done", history[-1]["step"] if history else 0), status=data.get("status", "?"),
+        path=Path(path), name=Path(path).name, method=str(config.get("method", "?")),
+        dataset=str(config.get("dataset", "?")), prior=str(config.get("prior", "?")),
+        lr=config.get("lr", float("nan")), steps=config.get("steps", 0),
+        steps_done=data.get("steps_done", history[-1]["step"] if history else 0), status=status,
         final_val_loss=vals[-1] if vals else None, created=data.get("created", ""),
-        metric=_headline_metric(data.get("metrics", {})),
+        metric=_headline_metric(data.get("metrics", {})), note=note,
     )
 
 
-def list_runs(root: str | Path | None = None) -> list[RunInfo]:
-    """Every run folder directly under `root` (default RUNS_DIR; or `root` itself), newest first."""
+def scan_runs(root: str | Path | None = None) -> RunScan:
+    """Every run folder directly under `root` (default RUNS_DIR; or `root` itself if it is a run).
+
+    A folder with a run.json that cannot be read or has the wrong shape is a `RunProblem` (never skipped
+    silently, never an exception), so a listing shows it beside the good runs.
+    """
     root = Path(root if root is not None else paths.RUNS_DIR)
-    if not root.exists():
-        return []
-    folders = [root] if is_run(root) else [p for p in root.iterdir() if p.is_dir() and is_run(p)]
-    infos = []
+    if not root.is_dir():
+        return RunScan([], [])
+    folders = [root] if is_run(root) else sorted(p for p in root.iterdir() if p.is_dir() and is_run(p))
+    infos, problems = [], []
     for folder in folders:
         try:
             infos.append(run_info(folder))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # a half-written or foreign folder is not a run
-    return sorted(infos, key=lambda r: r.created, reverse=True)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            text = str(exc).replace(f"{folder / RUN_JSON}: ", "")
+            problems.append(RunProblem(folder, folder / RUN_JSON, text or type(exc).__name__))
+    return RunScan(sorted(infos, key=lambda r: r.created, reverse=True), problems)
 
 
-def delete_run(path: str | Path) -> None:
-    """Remove a run folder (only folders that hold a run.json)."""
+def list_runs(root: str | Path | None = None) -> list[RunInfo]:
+    """The readable runs under `root` (see `scan_runs`, which also returns the unreadable ones), newest first."""
+    return scan_runs(root).runs
+
+
+# --------------------------------------------------------------------------- one folder, one run
+
+
+def _is_temp_of(name: str, own: set[str]) -> bool:
+    """A leftover temporary file of `_atomic_write` (".{own name}.XXXX"), e.g. after the process was killed."""
+    return name.startswith(".") and any(name.startswith(f".{o}.") for o in own)
+
+
+def run_files(path: str | Path) -> list[str]:
+    """The files the run in `path` wrote: run.json's "files" manifest (older runs: the standard run files)."""
+    try:
+        files = json.loads((Path(path) / RUN_JSON).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        files = None
+    if not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
+        files = list(RUN_FILES)
+    return sorted({Path(f).name for f in files} | {RUN_JSON})
+
+
+def foreign_files(path: str | Path) -> list[str]:
+    """Entries of folder `path` that are not the run's own (its manifest, the lock, leftover temporary files)."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    own = set(run_files(path)) if is_run(path) else set(RUN_FILES)
+    return sorted(p.name for p in path.iterdir()
+                  if p.name not in own and p.name != LOCK_FILE and not _is_temp_of(p.name, own))
+
+
+def _describe_run(path: Path) -> str:
+    try:
+        info = run_info(path)
+        return f"a {info.status} run ({info.steps_done}/{info.steps} steps, {info.method} {info.dataset} {info.prior})"
+    except (OSError, ValueError):
+        return "a run (its run.json is unreadable)"
+
+
+def check_run_dir(path: str | Path, *, resume: bool = False, force: bool = False) -> str:
+    """May a run be written into `path`? Returns "new", "resume" or "replace"; raises RunFolderError if not.
+
+    new      `path` does not exist or is empty (a reserved folder)
+    resume   `path` holds a run with a checkpoint and `resume` is set
+    replace  `path` holds a run and `force` is set (its own files will be removed, nothing else)
+    A folder holding files that are not a run's is always refused. Reads only: `claim_run_dir` acts on it.
+    """
+    path = Path(path)
+    if resume and force:
+        raise RunFolderError("--resume continues a run and --force replaces it: give one of them")
+    if path.exists() and not path.is_dir():
+        raise RunFolderError(f"--out {path} is a file, not a folder; choose a folder for the run")
+    entries = [p.name for p in path.iterdir() if p.name != LOCK_FILE] if path.is_dir() else []
+    if not is_run(path):
+        if entries:
+            extra = foreign_files(path)
+            shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
+            raise RunFolderError(f"--out {path} is not empty and holds no run ({shown}); a run folder belongs to one "
+                                 "run: choose a new or empty folder, or leave out --out for a fresh one under runs/")
+        if resume:
+            raise RunFolderError(f"cannot resume {path}: it holds no run and no {CHECKPOINT_FILE}; "
+                                 "leave out --resume to start a new run there")
+        return "new"
+    if resume:
+        if not (path / CHECKPOINT_FILE).is_file():
+            raise RunFolderError(f"cannot resume {path}: it has no {CHECKPOINT_FILE} (the run finished and its "
+                                 "resume state was removed, or it never saved one); start a new run with another "
+                                 "--out, or replace this one with --force")
+        return "resume"
+    if force:
+        extra = foreign_files(path)
+        if extra:
+            raise RunFolderError(f"--force would replace the run in {path}, but the folder also holds files that are "
+                                 f"not the run's ({', '.join(extra)}); move them away first")
+        return "replace"
+    raise RunFolderError(f"--out {path} already holds {_describe_run(path)}; pass --resume to continue it, "
+                         "--force to replace it, or choose another --out")
+
+
+def _remove_run_files(path: Path) -> None:
+    own = set(run_files(path))
+    for p in path.iterdir():
+        if p.name != LOCK_FILE and (p.name in own or _is_temp_of(p.name, own)) and p.is_file():
+            p.unlink()
+    (path / RUN_JSON).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def claim_run_dir(path: str | Path, *, resume: bool = False, force: bool = False,
+                  purpose: str = "train") -> Iterator[str]:
+    """Lock run folder `path` for writing and yield what to do: "new", "resume" (continue) or "replace".
+
+    Holds `core.locks.FolderLock` (raises `LockHeld` naming the holder when another live process writes
+    there) and checks the folder with `check_run_dir` under the lock; with "replace", the old run's own files
+    are already removed. A folder this call created is removed again if the check fails.
+
+        >>> with claim_run_dir("runs/a", resume=True) as mode:
+        ...     ...  # train into runs/a
+    """
+    path = Path(path)
+    created = not path.exists()
+    lock = FolderLock(path, purpose=purpose)
+    lock.acquire()
+    try:
+        mode = check_run_dir(path, resume=resume, force=force)
+        if mode == "replace":
+            _remove_run_files(path)
+    except BaseException:
+        lock.release()
+        if created:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+    try:
+        yield mode
+    finally:
+        lock.release()
+
+
+def delete_run(path: str | Path) -> list[str]:
+    """Delete the run in folder `path`: the files its manifest lists, then the folder. Returns the names deleted.
+
+    Refuses (RunFolderError) a folder holding anything the run did not write, naming those files, and a run
+    that a live process is still writing.
+    """
     path = Path(path)
     if not is_run(path):
         raise FileNotFoundError(f"{path} is not a run folder (no {RUN_JSON}); nothing deleted")
-    shutil.rmtree(path)
+    extra = foreign_files(path)
+    if extra:
+        raise RunFolderError(f"{path} holds files that are not the run's ({', '.join(extra)}); nothing deleted. "
+                             "Move them away and delete again, or delete the folder yourself")
+    with FolderLock(path, purpose="delete"):
+        own = set(run_files(path))
+        deleted = sorted(p.name for p in path.iterdir()
+                         if p.name != LOCK_FILE and (p.name in own or _is_temp_of(p.name, own)))
+        _remove_run_files(path)
+    with contextlib.suppress(OSError):
+        path.rmdir()
+    return deleted
 
 
-def new_run_dir(config_name: str, root: str | Path | None = None) -> Path:
-    """A fresh, unique folder name under `root` (default RUNS_DIR) for a new run."""
-    import time
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80] or "run"
 
+
+def reserve_run_dir(config_name: str, root: str | Path | None = None) -> Path:
+    """Create and return a new, empty run folder under `root` (default RUNS_DIR), atomically.
+
+    Named `{YYYYmmdd-HHMMSS}-{config_name}-{4 hex}`: the time, what the run is (e.g. "soft-math-gaussian-s0")
+    and a random tag, so runs started in the same second get different folders; os.mkdir without exist_ok
+    makes a clash impossible (a taken name is skipped).
+    """
     root = Path(root if root is not None else paths.RUNS_DIR)
+    root.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = root / f"{stamp}-{config_name}"
-    path, k = base, 1
-    while path.exists():
-        k += 1
-        path = base.with_name(f"{base.name}-{k}")
-    return path
+    for _ in range(100):
+        path = root / f"{stamp}-{_slug(config_name)}-{secrets.token_hex(2)}"
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        return path
+    raise RunFolderError(f"could not reserve a new run folder under {root}: 100 names were taken")
+
+
+new_run_dir = reserve_run_dir  # the older name
 
 
 def history_long(history: list[dict]) -> list[dict]:

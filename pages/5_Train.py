@@ -10,7 +10,7 @@ import ui_state
 from core import jobs
 from core.data import dataset_label
 from core.priors import PRIOR_NAMES
-from core.runs import history_long, list_runs, metrics_table, new_run_dir
+from core.runs import history_long, metrics_table, reserve_run_dir, scan_runs
 from core.tuning import TrainConfig
 
 JOB_KEY = "train_job"  # the running job's id; the job itself lives in core.jobs, outside the rerun path
@@ -59,7 +59,7 @@ if st.button("Start training", type="primary", key="train_start"):
     except (ValueError, json.JSONDecodeError) as exc:
         st.error(f"Cannot start: {exc}")
         st.stop()
-    out = new_run_dir(f"{method}-{dataset}-{config.prior}-s{config.seed}")
+    out = reserve_run_dir(f"{method}-{dataset}-{config.prior}-s{config.seed}")
     st.session_state[JOB_KEY] = jobs.start_job(lm, config, out, init=init)
 
 
@@ -96,7 +96,7 @@ def job_panel() -> None:
         st.altair_chart(chart, width="stretch")
     if snap["error"]:
         st.error(f"Training failed: {snap['error']}")
-    elif snap["state"] in ("cancelled", "nonfinite"):
+    elif snap["state"] in ("cancelled", "diverged"):
         st.warning(snap["message"])
     if snap["state"] == "done":
         m = snap["metrics"]
@@ -113,7 +113,10 @@ def job_panel() -> None:
 job_panel()
 
 st.subheader("Runs")
-infos = [r.row() for r in list_runs()]
+scan = scan_runs()  # every readable run, and a row naming the file and the problem for each unreadable one
+infos = [r.row() for r in scan.runs] + [p.row() for p in scan.problems]
+if scan.problems:
+    st.warning(f"{len(scan.problems)} run folder(s) cannot be read (status unreadable): the note says why.")
 if infos:
     st.dataframe(pd.DataFrame(infos), hide_index=True, width="stretch")
     st.caption("Compare them on the *Runs* page; `python -m core runs` lists them from a shell.")

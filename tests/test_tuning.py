@@ -155,7 +155,7 @@ def test_resume_with_other_config_is_refused(tiny_lm, tmp_path):
 def test_nonfinite_loss_stops_and_keeps_run(tiny_lm, tmp_path):
     bad = torch.full((4, tiny_lm.hidden_size), float("inf"))
     result = train(tiny_lm, _config(steps=3), tmp_path / "nan", init={"soft": bad}, examples=DATA)
-    assert result.status == "nonfinite"
+    assert result.status == "diverged" and "diverged at step 1" in result.message
     assert "non-finite training loss" in result.message and "Lower the learning rate" in result.message
     assert (tmp_path / "nan" / "prompt.safetensors").exists()
 

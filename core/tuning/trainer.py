@@ -7,6 +7,10 @@ AdamW on the prompt parameters only, linear schedule with warm-up, gradient
 accumulation and clipping, loss on answer tokens only, validation loss every
 `val_every` steps, snapshots every `snapshot_every` steps, a checkpoint with the
 optimizer/scheduler/RNG state so `resume=True` continues exactly where it stopped.
+
+The run folder is claimed with `core.runs.claim_run_dir` (a lock held while training;
+an existing run only with resume or force). A loss that becomes non-finite or exceeds
+DIVERGE_FACTOR x the initial validation loss stops the run as "diverged".
 """
 
 from __future__ import annotations
@@ -115,7 +119,7 @@ class Progress:
 @dataclass
 class TrainResult:
     path: Path
-    status: str  # "done", "cancelled", "nonfinite"
+    status: str  # "done", "cancelled", "diverged" (see core.runs for every status)
     message: str
     history: list[dict]
     metrics: dict
@@ -124,6 +128,46 @@ class TrainResult:
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+DIVERGE_FACTOR = 3.0  # a loss above this multiple of the initial validation loss means the run diverged
+
+
+def divergence(loss: float, initial_val_loss: float | None, kind: str) -> str | None:
+    """Why `loss` (a "training" or "validation" loss) shows divergence, or None.
+
+    The rule: a non-finite loss, or one above DIVERGE_FACTOR x the run's initial validation loss (the
+    prior's loss, measured at step 0). Prompt-tuning lowers the loss from there; tripling it is no
+    fluctuation but a learning rate the prompt cannot follow.
+    """
+    if not math.isfinite(loss):
+        return f"{kind} loss is {loss}"
+    if initial_val_loss is not None and math.isfinite(initial_val_loss) and initial_val_loss > 0 \
+            and loss > DIVERGE_FACTOR * initial_val_loss:
+        return (f"{kind} loss {loss:.4g} is above {DIVERGE_FACTOR:g} x the initial validation loss "
+                f"{initial_val_loss:.4g}")
+    return None
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Multiplier of the base learning rate for optimizer update `step` (0-based) of `total`.
+
+    Linear warm-up over `warmup` updates starting above 0 ((step + 1) / warmup: a 1-step run trains at the
+    full rate), then linear decay that ends above 0 at the last update (1 / (total - warmup)), so no update
+    of the run is wasted at learning rate 0.
+    """
+    up = (step + 1) / warmup if step < warmup else 1.0
+    down = (total - step) / max(1, total - warmup) if step >= warmup else 1.0
+    return max(0.0, min(up, down))
+
+
+def warmup_linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int
+                           ) -> torch.optim.lr_scheduler.LambdaLR:
+    """The run's schedule (see `lr_factor`); a closure, so a checkpoint stores its position, not its plan."""
+    def factor(step: int) -> float:
+        return lr_factor(step, warmup, total)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _check_one_file_source(config: TrainConfig) -> None:
@@ -240,9 +284,9 @@ class _Trainer:
 
             self.residuals = ResidualCache(lm, self.model, self.autocast, self.prompt.first_layer)
         self.optimizer = torch.optim.AdamW(self.prompt.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        from transformers import get_linear_schedule_with_warmup
-
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, config.warmup_steps, config.steps)
+        self.scheduler = warmup_linear_schedule(self.optimizer, config.warmup_steps, config.steps)
+        self.extended: list[dict] = []  # each resume that raised `steps`: {"at_step", "steps_before", "steps_after"}
+        self.diverged: dict | None = None  # {"step", "reason", "rule"} once a loss diverged
         self.history: list[dict] = []
         self.snapshot_steps: list[int] = []
         self.snapshots: dict[str, list[torch.Tensor]] = {}
@@ -329,7 +373,8 @@ class _Trainer:
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "rng": torch.get_rng_state(), "prompt": self.prompt.tensors(), "history": self.history,
                  "snapshot_steps": self.snapshot_steps, "snapshots": self.snapshots, "elapsed": self.elapsed,
-                 "tokens": self.tokens, "prior_info": self.prior_info, "train_config": self.config.to_dict()}
+                 "tokens": self.tokens, "prior_info": self.prior_info, "train_config": self.config.to_dict(),
+                 "extended": self.extended}
         runs._atomic_write(out / runs.CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
         previous = runs.read_run_json(out) if runs.is_run(out) else {}
         runs.write_json(out / runs.RUN_JSON, {
@@ -338,7 +383,9 @@ class _Trainer:
             "snapshot_steps": self.snapshot_steps, "status": status, "message": message, "steps_done": self.step,
             "created": previous.get("created", time.strftime("%Y-%m-%dT%H:%M:%S")),
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_seconds": round(self.elapsed, 2),
-            "train_tokens": self.tokens,
+            "train_tokens": self.tokens, "files": list(runs.RUN_FILES),  # the manifest: what `runs --delete` removes
+            **({"diverged": self.diverged} if self.diverged else {}),
+            **({"extended": self.extended} if self.extended else {}),
         })
 
     def _restore(self) -> None:
@@ -346,11 +393,12 @@ class _Trainer:
         saved = {**state["train_config"],
                  "model_fingerprint": runs.read_run_json(self.out_dir)["config"].get("model_fingerprint")}
         mine = {**self.config.to_dict(), "model_fingerprint": self.lm.fingerprint}
-        keys = [k for k in mine if k != "eval_n"]  # the number of eval examples does not change the prompt
+        extend = self._extension(saved, mine, state["step"])
+        keys = [k for k in mine if k not in ("eval_n", "steps", "warmup_steps")]  # eval_n leaves the prompt alone
         diff = {k: (saved.get(k), mine.get(k)) for k in keys if saved.get(k) != mine.get(k)}
         if diff:
             raise ValueError(f"cannot resume {self.out_dir}: its config differs in {diff} (saved, asked); "
-                             "resume with the same settings or start a new run")
+                             "resume with the same settings (only --steps may grow) or start a new run")
         self.prompt.load_tensors(state["prompt"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -358,10 +406,43 @@ class _Trainer:
         self.step, self.history = state["step"], state["history"]
         self.snapshot_steps, self.snapshots = state["snapshot_steps"], state["snapshots"]
         self.elapsed, self.tokens, self.prior_info = state["elapsed"], state["tokens"], state["prior_info"]
+        self.extended = list(state.get("extended", []))
+        if extend:
+            # The linear decay is re-planned over the new total: the next update uses the rate the new plan gives
+            # at this step (not the old plan's rate, which reached ~0 at its end). The first `steps_before`
+            # updates followed the old plan, so an extended run differs from one planned long from the start.
+            lrs = [base * lr_factor(self.scheduler.last_epoch, self.config.warmup_steps, self.config.steps)
+                   for base in self.scheduler.base_lrs]
+            for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
+            self.scheduler._last_lr = lrs
+            self.extended.append({"at_step": self.step, "steps_before": saved["steps"],
+                                  "steps_after": self.config.steps})
+
+    def _extension(self, saved: dict, mine: dict, done: int) -> bool:
+        """Does this resume raise `steps` (allowed: extending a run)? Refuses shortening; keeps the saved warm-up."""
+        if mine["steps"] == saved.get("steps"):
+            if mine["warmup_steps"] != saved.get("warmup_steps"):
+                raise ValueError(f"cannot resume {self.out_dir}: its config differs in warmup_steps "
+                                 f"({saved.get('warmup_steps')}, {mine['warmup_steps']}) (saved, asked); resume "
+                                 "with the same settings or start a new run")
+            return False
+        if mine["steps"] < saved["steps"]:
+            raise ValueError(f"cannot resume {self.out_dir} with steps {mine['steps']}: it was planned for "
+                             f"{saved['steps']} steps ({done} done); a run can be extended (more steps), not "
+                             "shortened: resume with --steps >= " f"{saved['steps']} or start a new run")
+        if mine["warmup_steps"] != saved["warmup_steps"]:
+            if mine["warmup_steps"] != max(1, mine["steps"] // 10):  # not the default: the user asked for it
+                raise ValueError(f"cannot resume {self.out_dir}: extending keeps its warm-up of "
+                                 f"{saved['warmup_steps']} steps; leave out --warmup-steps (asked "
+                                 f"{mine['warmup_steps']})")
+            self.config.warmup_steps = saved["warmup_steps"]
+        self.scheduler = warmup_linear_schedule(self.optimizer, self.config.warmup_steps, self.config.steps)
+        return True
 
 
 def train(lm, config: TrainConfig, out_dir: str | Path, *, init: torch.Tensor | None = None,
-          examples: tuple[list, list, list] | None = None, resume: bool = False,
+          examples: tuple[list, list, list] | None = None, resume: bool = False, force: bool = False,
           on_progress: Callable[[Progress], None] | None = None, cancel: threading.Event | None = None,
           evaluate: bool = True) -> TrainResult:
     """Train a prompt on `lm` (frozen) and write the run folder `out_dir`.
@@ -370,10 +451,24 @@ def train(lm, config: TrainConfig, out_dir: str | Path, *, init: torch.Tensor | 
         prompt's tensors; the rest are drawn from `config.prior` (recorded in the config).
     examples: optional (train, validation, eval) example lists; by default read with core.data.load_examples.
     resume: continue from `out_dir/checkpoint.pt` (same config). The result equals an uninterrupted run.
+        Only `steps` may grow (extending a run; the decay is re-planned over the new total, see `_restore`).
+        Raises core.runs.RunFolderError when there is no checkpoint to resume from.
+    force: replace the run in `out_dir` (its own files only; a folder holding others is refused).
+        Without resume or force an existing run is refused, and so is any non-empty folder that is not a run.
     cancel: when set, the run stops after the current step and saves a usable partial run (status "cancelled").
-    Returns a TrainResult; a non-finite loss stops the run (status "nonfinite") keeping the last good state.
+    While it trains, the run holds `out_dir/.lock`; a second writer gets core.locks.LockHeld naming this one.
+    Returns a TrainResult; a diverging loss (see `divergence`) stops the run (status "diverged") and records
+    run.json["diverged"] = {"step", "reason", "rule"}.
     """
-    trainer = _Trainer(lm, config, Path(out_dir), examples, init, resume)
+    with runs.claim_run_dir(out_dir, resume=resume, force=force) as mode:
+        return _train(lm, config, Path(out_dir), init=init, examples=examples, resume=mode == "resume",
+                      on_progress=on_progress, cancel=cancel, evaluate=evaluate)
+
+
+def _train(lm, config: TrainConfig, out_dir: Path, *, init: torch.Tensor | dict | None, examples: tuple | None,
+           resume: bool, on_progress: Callable[[Progress], None] | None, cancel: threading.Event | None,
+           evaluate: bool) -> TrainResult:
+    trainer = _Trainer(lm, config, out_dir, examples, init, resume)
     message = ""
     cfg = config
 
@@ -387,15 +482,17 @@ def train(lm, config: TrainConfig, out_dir: str | Path, *, init: torch.Tensor | 
     status = "running"
     while trainer.step < cfg.steps:
         if cancel is not None and cancel.is_set():
-            status, message = "cancelled", f"cancelled at step {trainer.step} of {cfg.steps}; resume to continue"
+            status, message = "cancelled", (f"cancelled at step {trainer.step} of {cfg.steps}; resume (same "
+                                            "settings) to continue")
             break
         start = time.perf_counter()
         try:
             train_loss = trainer.train_step()
         except NonFiniteLoss as exc:
-            status = "nonfinite"
-            message = (f"{exc}: stopped, keeping the prompt of step {trainer.step}. Lower the learning rate "
-                       f"(now {cfg.lr}) or use compute fp32.")
+            status, reason = "diverged", str(exc).split(" at step")[0]
+            trainer.diverged = {"step": trainer.step + 1, "reason": reason, "rule": _DIVERGE_RULE}
+            message = (f"diverged at step {trainer.step + 1}: {reason}; stopped, keeping the prompt of step "
+                       f"{trainer.step}. Lower the learning rate (now {cfg.lr}) or use compute fp32.")
             break
         trainer.elapsed += time.perf_counter() - start
         val = None
@@ -404,6 +501,16 @@ def train(lm, config: TrainConfig, out_dir: str | Path, *, init: torch.Tensor | 
         trainer.history.append({"step": trainer.step, "train_loss": train_loss, "val_loss": val})
         if trainer.step % cfg.snapshot_every == 0 or trainer.step == cfg.steps:
             trainer._snapshot()
+        initial = trainer.history[0]["val_loss"] if trainer.history else None
+        reason = divergence(train_loss, initial, "training") or (
+            divergence(val, initial, "validation") if val is not None else None)
+        if reason:
+            status = "diverged"
+            trainer.diverged = {"step": trainer.step, "reason": reason, "rule": _DIVERGE_RULE}
+            message = (f"diverged at step {trainer.step}: {reason}; stopped. Lower the learning rate "
+                       f"(now {cfg.lr}).")
+            report(train_loss, val)
+            break
         if val is not None:
             trainer.save(status="running")
         report(train_loss, val)
@@ -423,6 +530,9 @@ def train(lm, config: TrainConfig, out_dir: str | Path, *, init: torch.Tensor | 
     trainer.save(status=status, message=message, metrics=metrics)
     report(None, None, phase="done")
     return TrainResult(trainer.out_dir, status, message, trainer.history, metrics, trainer.prompt.tensors())
+
+
+_DIVERGE_RULE = f"a non-finite loss, or a loss above {DIVERGE_FACTOR:g} x the initial validation loss"
 
 
 def _loss_metrics(trainer: _Trainer) -> dict:
