@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from core.compute import decide
 
     print(f"compute: {decide(lm, config.compute).reason}", flush=True)
-    bar = tqdm(total=config.steps, desc=f"{config.method} {config.dataset}", unit="step")
+    bar = tqdm(total=config.steps, desc=f"{config.method} {config.dataset}", unit="step", delay=0.5)  # none on errors
     last_val: list[float] = []
 
     def on_progress(p) -> None:  # noqa: ANN001 - core.tuning.Progress

@@ -9,7 +9,7 @@ process that died on this host (os.kill(pid, 0) fails) is stale: the next
 FolderLock takes it over. A lock held from another host is never taken over
 (we cannot see whether that process lives); the error says how to clear it.
 `lock_holder(DIR)` reads a lock without taking it, e.g. to tell a running run
-from one whose process died.
+from one whose process died; `check_free(DIR)` raises LockHeld if it is held.
 """
 
 from __future__ import annotations
@@ -96,6 +96,25 @@ def lock_holder_file(file: Path) -> Holder | None:
                   alive=alive)
 
 
+def _held_message(folder: Path, holder: Holder) -> str:
+    if holder.pid == os.getpid() and holder.host == socket.gethostname():
+        return (f"{folder} is already locked by this process, {holder.describe()}; one writer per folder: "
+                "wait for it to finish or use another folder")
+    where = "" if holder.alive else " (on another host: this one cannot tell whether it still runs)"
+    return (f"{folder} is in use by {holder.describe()}{where}; wait for it to finish, choose another folder, "
+            f"or, if that process is gone, delete {Path(folder) / LOCK_FILE}")
+
+
+def check_free(folder: str | Path) -> None:
+    """Raise LockHeld (naming the holder) if a live process, or one on another host, holds `folder`'s lock.
+
+    A look without taking the lock, e.g. to refuse early before slow work; take a FolderLock to write.
+    """
+    holder = lock_holder(folder)
+    if holder is not None and holder.alive is not False:
+        raise LockHeld(_held_message(Path(folder), holder))
+
+
 class FolderLock:
     """Hold `folder/.lock` for the duration of a `with` block (or between acquire() and release()).
 
@@ -156,12 +175,7 @@ class FolderLock:
                 os.unlink(aside)
                 self.took_over = holder
                 continue
-            if holder.pid == os.getpid() and holder.host == socket.gethostname():
-                raise LockHeld(f"{self.folder} is already locked by this process, {holder.describe()}; "
-                               "one writer per folder: wait for it to finish or use another folder")
-            where = "" if holder.alive else " (on another host: this one cannot tell whether it still runs)"
-            raise LockHeld(f"{self.folder} is in use by {holder.describe()}{where}; wait for it to finish, "
-                           f"choose another folder, or, if that process is gone, delete {self.file}")
+            raise LockHeld(_held_message(self.folder, holder))
         raise LockHeld(f"could not lock {self.folder}: its lock file keeps changing; try again")
 
     def release(self) -> None:

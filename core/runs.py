@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core import paths
-from core.locks import LOCK_FILE, FolderLock, lock_holder
+from core.locks import LOCK_FILE, FolderLock, check_free, lock_holder
 
 RUN_JSON, PROMPT_FILE, SNAPSHOT_FILE, CHECKPOINT_FILE = (
     "run.json", "prompt.safetensors", "snapshots.safetensors", "checkpoint.pt")
@@ -336,7 +336,7 @@ def foreign_files(path: str | Path) -> list[str]:
 def _describe_run(path: Path) -> str:
     try:
         info = run_info(path)
-        return f"a {info.status} run ({info.steps_done}/{info.steps} steps, {info.method} {info.dataset} {info.prior})"
+        return f"a run ({info.status}, {info.steps_done}/{info.steps} steps, {info.method} {info.dataset} {info.prior})"
     except (OSError, ValueError):
         return "a run (its run.json is unreadable)"
 
@@ -347,9 +347,14 @@ def check_run_dir(path: str | Path, *, resume: bool = False, force: bool = False
     new      `path` does not exist or is empty (a reserved folder)
     resume   `path` holds a run with a checkpoint and `resume` is set
     replace  `path` holds a run and `force` is set (its own files will be removed, nothing else)
-    A folder holding files that are not a run's is always refused. Reads only: `claim_run_dir` acts on it.
+    A folder holding files that are not a run's is always refused, and one whose lock a live process holds
+    (core.locks.LockHeld, naming it). Reads only: `claim_run_dir` acts on it.
     """
-    path = Path(path)
+    check_free(path)  # another live writer: LockHeld names it
+    return _check_contents(Path(path), resume=resume, force=force)
+
+
+def _check_contents(path: Path, *, resume: bool, force: bool) -> str:
     if resume and force:
         raise RunFolderError("--resume continues a run and --force replaces it: give one of them")
     if path.exists() and not path.is_dir():
@@ -396,7 +401,7 @@ def claim_run_dir(path: str | Path, *, resume: bool = False, force: bool = False
 
     Holds `core.locks.FolderLock` (raises `LockHeld` naming the holder when another live process writes
     there) and checks the folder with `check_run_dir` under the lock; with "replace", the old run's own files
-    are already removed. A folder this call created is removed again if the check fails.
+    are already removed. A folder this call created is removed again if it is still empty at the end.
 
         >>> with claim_run_dir("runs/a", resume=True) as mode:
         ...     ...  # train into runs/a
@@ -406,7 +411,7 @@ def claim_run_dir(path: str | Path, *, resume: bool = False, force: bool = False
     lock = FolderLock(path, purpose=purpose)
     lock.acquire()
     try:
-        mode = check_run_dir(path, resume=resume, force=force)
+        mode = _check_contents(path, resume=resume, force=force)
         if mode == "replace":
             _remove_run_files(path)
     except BaseException:
@@ -419,6 +424,9 @@ def claim_run_dir(path: str | Path, *, resume: bool = False, force: bool = False
         yield mode
     finally:
         lock.release()
+        if created:  # a folder made for a run that failed before writing anything is not left behind
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def delete_run(path: str | Path) -> list[str]:
