@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_train_arguments(parser)
     actions = parser._option_string_actions  # noqa: SLF001 - the sweep gives train's --out its own meaning
     actions["--out"].help = "the sweep's folder: DIR/sweep.json and DIR/<trial>/ (required)"
-    actions["--resume"].help = argparse.SUPPRESS  # a sweep always resumes
+    for option in ("--resume", "--force"):  # a sweep always resumes; --retry-failed replaces failed trials
+        if option in actions:
+            actions[option].help = argparse.SUPPRESS
     group = parser.add_argument_group("sweep")
     group.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                        help="vary a train option over values, repeatable: prior, seed, lr, method, dataset, model, "
@@ -45,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 SWEEP_ONLY = ("grid", "spec", "backend", "retry_failed", "address", "cpus_per_trial", "gpus_per_trial", "num_cpus",
-              "progress", "command", "out", "resume", "debug")
+              "progress", "command", "out", "resume", "force", "debug", "argv")
 
 
 def _base_options(args: argparse.Namespace, spec_options: dict) -> tuple[argparse.Namespace, dict]:

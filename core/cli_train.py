@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=d.steps)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="-1: 10%% of steps")
+    parser.add_argument("--warmup-steps", type=int, default=-1, help="-1: 10%% of steps")  # not d.: resolved for 100
     parser.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
     parser.add_argument("--layers", type=int, nargs="*", default=[], help="deep: decoder layers (default last 3)")
     parser.add_argument("--n-tokens", type=int, default=d.n_tokens)

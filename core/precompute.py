@@ -13,7 +13,7 @@ Tasks, in order:
     fitted         fitted Gaussian of the token embeddings: mean, shrunk covariance (arrays/fitted_tokens)
     reference_knn  the vocabulary's own k-NN distances, for divergence measures (arrays/, ~0.8 MB)
     vae            the VAE prior's diagnostics on SQuAD activations (tables/vae.json)
-    gallery        trained runs per prior (runs/<method>-<dataset>-<prior>-s<seed>/)
+    gallery        trained runs per prior (runs/<method>-<dataset>-<prior>-s<seed>/): a sweep (runs/sweep.json)
     runs_table     the run comparison table over the gallery (tables/runs.csv)
     transfer       every gallery soft prompt evaluated on MATH and QA (tables/transfer.csv)
     interpolation  MATH-C4 axis positions of interpolation priors and posteriors (tables/interpolation.csv)
@@ -122,6 +122,33 @@ def gallery_prior_params(method: str, prior: str) -> dict:
     return {}
 
 
+def gallery_sweep(budget: Budget) -> tuple:
+    """The gallery as a sweep: (core.sweep.SweepSpec, its trials), one trial per `gallery_specs` entry, named as
+    the committed run folders. Shared options are the spec's options; each trial sets what differs by dataset."""
+    from core.sweep import SweepSpec, expand, train_parser
+    from core.sweep.spec import apply_option
+
+    options = {"lr": 3e-3, "n-train": budget.n_train, "n-val": budget.n_val, "snapshot-every": budget.snapshot_every,
+               "eval-n": budget.eval_n}
+    trials = []
+    for spec in gallery_specs(budget):
+        is_math = spec["dataset"] == "math"
+        trials.append({
+            "name": spec["name"], "method": spec["method"], "dataset": spec["dataset"], "prior": spec["prior"],
+            "seed": spec["seed"], "prior-param": gallery_prior_params(spec["method"], spec["prior"]),
+            "steps": budget.math_steps if is_math else budget.qa_steps,
+            "batch-size": budget.math_batch if is_math else budget.qa_batch,
+            "val-every": max(1, budget.snapshot_every // (2 if is_math else 1)),  # QA validation is costly
+            "max-length": 320 if is_math else 256,
+        })
+    sweep = SweepSpec(options=options, trials=trials)
+    parser = train_parser()
+    base = parser.parse_args([])
+    for key, value in options.items():
+        apply_option(parser, base, key, value)
+    return sweep, expand(parser, base, {}, trials)
+
+
 class Precompute:
     """Runs the tasks against one artifacts folder, skipping what is already built."""
 
@@ -171,14 +198,21 @@ class Precompute:
 
     # ---- tasks ---------------------------------------------------------------------------
     def task_separation(self) -> None:
-        from core.analysis.separation import dataset_separation
+        from core.analysis.separation import all_layer_means, dataset_separation, separation_gaps
 
         with _fraction_bar("separation") as progress:
             table = dataset_separation(self.lm, n=self.budget.sep_docs, layers=self._sep_layers(), progress=progress)
         self.store.save_table("separation", table)
+        # The MATH-vs-SQuAD gap with CIs over documents at the first (lexical control), middle and last layer;
+        # the document means are the ones the table used (cached on disk).
+        layers = sorted(int(x) for x in table["layer"].unique())
+        every = len(layers) == self.lm.num_layers + 1
+        means = all_layer_means(self.lm, n=self.budget.sep_docs, layers=None if every else layers)
+        picks = list(dict.fromkeys([layers[0], layers[len(layers) // 2], layers[-1]]))
+        self.store.save_table("separation_gaps", separation_gaps(means, picks))
 
     def task_trajectory(self) -> None:
-        from core.analysis.trajectories import trajectory_test
+        from core.analysis.trajectories import shuffled_cv_pairs, trajectory_test
         from core.data import example_texts
 
         texts = [t.split(". ")[0] for t in example_texts("c4", self.budget.traj_texts, seed=0)]
@@ -187,6 +221,9 @@ class Precompute:
             test = trajectory_test(self.lm, texts, layer=layer, seed=0)
             out[key] = {k: (float(v) if isinstance(v, int | float | np.floating) else v)
                                      for k, v in test.__dict__.items()}
+        # Per sentence, CV of step lengths against the same tokens shuffled (the trajectory finding's test).
+        out["shuffled_cv"] = {key: shuffled_cv_pairs(self.lm, texts, layer=layer, seed=0)
+                              for key, layer in (("token_layer", 0), ("last_layer", self.lm.num_layers))}
         self.store.save_json("trajectory", out)
 
     def task_token_pca(self) -> None:
@@ -216,34 +253,19 @@ class Precompute:
         self.store.save_json("vae", {"describe": prior.describe(), "diagnostics": _jsonable(prior.diagnostics)})
 
     def task_gallery(self) -> None:
-        from core.runs import read_run_json
-        from core.tuning import TrainConfig, train
+        """The gallery is a sweep (`gallery_sweep`) run by the sweep engine on the local backend, sharing the model:
+        `python -m core sweep --spec artifacts/runs/sweep.json --out DIR` reproduces it anywhere."""
+        from core.sweep import run_sweep
 
-        specs = gallery_specs(self.budget)
-        for i, spec in enumerate(specs, 1):
-            out = self.store.runs_root / spec["name"]
-            if (out / "run.json").exists() and read_run_json(out).get("status") == "done":
-                continue
-            is_math = spec["dataset"] == "math"
-            config = TrainConfig(
-                method=spec["method"], dataset=spec["dataset"], prior=spec["prior"],
-                prior_params=gallery_prior_params(spec["method"], spec["prior"]), seed=spec["seed"], lr=3e-3,
-                steps=self.budget.math_steps if is_math else self.budget.qa_steps,
-                batch_size=self.budget.math_batch if is_math else self.budget.qa_batch,
-                n_train=self.budget.n_train, n_val=self.budget.n_val,
-                val_every=max(1, self.budget.snapshot_every // (2 if is_math else 1)),  # QA validation is costly
-                snapshot_every=self.budget.snapshot_every, eval_n=self.budget.eval_n,
-                max_length=320 if is_math else 256,
-            )
-            resume = (out / "checkpoint.pt").exists()
-            self.log(f"[gallery {i}/{len(specs)}] {spec['name']}{' (resuming)' if resume else ''}")
-            bar = tqdm(total=config.steps, desc=spec["name"], unit="step", leave=False)
-            result = train(self.lm, config, out, resume=resume, force=not resume,  # the gallery owns its folders
-                           on_progress=lambda p, bar=bar: bar.update(p.step - bar.n))
-            bar.close()
-            if result.status != "done":
-                raise RuntimeError(f"gallery run {spec['name']} ended {result.status}: {result.message}")
-            (out / "checkpoint.pt").unlink(missing_ok=True)  # resume state is not needed once done
+        spec, trials = gallery_sweep(self.budget)
+        result = run_sweep(self.store.runs_root, trials, spec=spec, backend="local", lm=self.lm)
+        failed = [t for t in result.record["trials"] if t["status"] != "done"]
+        if failed:
+            raise RuntimeError("gallery runs not done: " + "; ".join(
+                f"{t['name']} {t['status']}: {(t.get('error') or t.get('note') or '').splitlines()[0:1]}"
+                for t in failed))
+        for trial in result.record["trials"]:  # resume state is not needed once done
+            (self.store.runs_root / trial["name"] / "checkpoint.pt").unlink(missing_ok=True)
 
     def _gallery_paths(self) -> list[Path]:
         return [self.store.runs_root / s["name"] for s in gallery_specs(self.budget)]
@@ -343,4 +365,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["Budget", "FULL", "QUICK", "Precompute", "gallery_specs"]
+__all__ = ["Budget", "FULL", "QUICK", "Precompute", "gallery_specs", "gallery_sweep"]

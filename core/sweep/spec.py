@@ -199,6 +199,7 @@ def expand(parser: argparse.ArgumentParser, base: argparse.Namespace, grid: dict
     for extra in trials or [{}]:
         for point in points:
             overrides = {**extra, **point}
+            given_name = overrides.pop("name", None)  # an explicit trial may name its folder (the gallery does)
             ns = copy.deepcopy(base)
             for key, value in overrides.items():
                 apply_option(parser, ns, key, value)
@@ -208,7 +209,9 @@ def expand(parser: argparse.ArgumentParser, base: argparse.Namespace, grid: dict
             except (ValueError, TypeError) as exc:
                 config, error = None, f"invalid options: {exc}"
             options = _jsonable({k: getattr(ns, k) for k in ("method", "dataset", "prior", "seed", "lr")})
-            out.append(Trial(trial_name(ns, overrides), _jsonable(overrides), model, config, error,
+            name = f"{given_name}{trial_name(ns, point)[len(trial_name(ns, {})):]}" if given_name else \
+                trial_name(ns, overrides)
+            out.append(Trial(name, _jsonable(overrides), model, config, error,
                              threads=int(getattr(ns, "threads", 0) or 0), options=options))
     seen: dict[str, int] = {}
     for trial in out:  # two spellings of one value (lr=0.001 and lr=1e-3) must not share a folder

@@ -66,8 +66,8 @@ def run_trial(lm, config: dict, out_dir: str | Path, *, resume: bool = False,  #
     if threads:
         torch.set_num_threads(threads)
     try:
-        result = train(lm, TrainConfig(**config), Path(out_dir), resume=resume, on_progress=on_progress,
-                       cancel=cancel)
+        result = train(lm, TrainConfig(**config), Path(out_dir), resume=resume, force=not resume,  # a sweep owns
+                       on_progress=on_progress, cancel=cancel)  # its trial folders (under its lock)
     except Exception as exc:  # noqa: BLE001 - a trial's failure is data for the sweep, not the sweep's end
         return TrialOutcome("failed", f"{type(exc).__name__}: {exc}\n{_short_trace()}",
                             round(time.perf_counter() - start, 2))
