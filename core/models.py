@@ -278,18 +278,35 @@ def load_model(name: str = DEFAULT_MODEL, precision: str = "fp32", device: str =
     )
 
 
+def embedded_tokenizer_dir() -> Path:
+    """A folder with the embedded model's tokenizer files.
+
+    `PRIOR_LAB_TOKENIZER` names a folder holding only those files (tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json: 3.5 MB), for a machine without the GGUF, such as a GPU box that runs the
+    `gpu` tests; otherwise the converted embedded model's folder.
+    """
+    env = os.environ.get("PRIOR_LAB_TOKENIZER")
+    if env:
+        folder = Path(env).expanduser()
+        if not (folder / "tokenizer.json").exists():
+            raise ModelLoadError(f"PRIOR_LAB_TOKENIZER={env} has no tokenizer.json: point it at a folder holding "
+                                 "the embedded model's tokenizer files, or unset it")
+        return folder
+    return _embedded_dir()
+
+
 def tiny_llama(
-    num_layers: int = 4, hidden_size: int = 64, vocab_size: int | None = None, seed: int = 0
+    num_layers: int = 4, hidden_size: int = 64, vocab_size: int | None = None, seed: int = 0, device: str = "cpu"
 ) -> LoadedModel:
     """A tiny randomly initialised LLaMA with the embedded model's tokenizer, for tests.
 
     Uses the embedded tokenizer (so texts tokenise as on the real model) but a
     random model of a few layers; builds in well under a second once the
-    embedded folder exists.
+    embedded folder exists. The same seed gives the same weights on every device.
     """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(_embedded_dir())
+    tokenizer = AutoTokenizer.from_pretrained(embedded_tokenizer_dir())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     config = LlamaConfig(
@@ -306,13 +323,16 @@ def tiny_llama(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     model.requires_grad_(False)
+    fingerprint = _state_fingerprint(model)
+    dev = resolve_device(device)
+    model.to(dev)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         name=f"tiny-llama-{num_layers}x{hidden_size}",
-        device=torch.device("cpu"),
+        device=dev,
         precision="fp32",
-        fingerprint=f"tiny-{_state_fingerprint(model)}:fp32",
+        fingerprint=f"tiny-{fingerprint}:fp32",
         source="random tiny LLaMA built in-process (tests)",
     )
 
