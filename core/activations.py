@@ -574,8 +574,10 @@ def _dataset_key(kind: str, lm: LoadedModel, dataset: str, layer_t: tuple[int, .
     mode = resolve_compute(lm, compute)
     if n < 1:
         raise ValueError(f"n must be at least 1; got {n}")
-    key = cache_key(
-        kind, lm, dataset=dataset, source=source_key(source), n=n, seed=seed,
+    from core.data import dataset_task
+
+    key = cache_key(  # task: the MATH task served by default changed (core.data.math_task); old results must miss
+        kind, lm, dataset=dataset, task=dataset_task(dataset, source), source=source_key(source), n=n, seed=seed,
         max_length=max_length, layers=list(layer_t), compute=mode, batch_size=batch_size, keep=keep_side(dataset),
     )
     return key, mode

@@ -1,183 +1,376 @@
-"""The paper's findings, each checked against the numbers measured on this model.
+"""The paper's findings, each tested against the numbers measured on this model.
 
 `compute_findings(store, lm)` reads the precomputed tables and returns a list of
-findings for the home page's teaching tour: the claim, the page and chart that
-test it, the number measured here, and a plain verdict (agrees, partly, does not
-agree, or not measured). Verdict rules are stated in each finding's `rule`.
+findings for the home page's teaching tour. Each finding states its test before
+its numbers, gives the effect with a 95% confidence interval and the sample size
+it rests on, and ends in exactly one verdict: agrees, does not agree, or
+inconclusive (`core.analysis.claims.VERDICTS`). The rule (test name, margin,
+thresholds) is data stored beside the numbers (`finding["rule"]`), so the page
+and the tests read the same thing. Statistics come from scipy.stats (bootstrap,
+Welch t-tests for equivalence, Spearman, Wilcoxon, Kruskal-Wallis).
+
+Every finding holds: key, claim, page, chart, test (the test's name), effect (a
+number, or None when nothing could be measured), ci ([low, high], None where
+none can be given), n, verdict, measured (the numbers in words), why (what the
+verdict rests on, or what is missing), rule (dict) and numbers (details).
+A verdict is never tuned: with too few seeds it is "inconclusive", and says so.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from core.analysis.claims import (
+    AGREES,
+    CONFIDENCE,
+    DISAGREES,
+    INCONCLUSIVE,
+    bootstrap_ci,
+    paired_difference,
+    spearman_ci,
+    tost,
+    verdict_from_ci,
+)
 from core.artifacts import ArtifactStore
 
-
-def _finding(key: str, claim: str, page: str, chart: str, measured: str, verdict: str, rule: str,
-             numbers: dict | None = None) -> dict:
-    return {"key": key, "claim": claim, "page": page, "chart": chart, "measured": measured, "verdict": verdict,
-            "rule": rule, "numbers": numbers or {}}
-
-
-def _not_measured(key: str, claim: str, page: str, chart: str, why: str) -> dict:
-    return _finding(key, claim, page, chart, why, "not measured", "")
+MIN_SEEDS = 5  # per prior, for the claims about priors (quality, speed, collapse)
+QUALITY_MARGIN = 0.05  # equivalence margin: 5% of the mean final validation loss
+MOVED_AT_LEAST = 0.01  # interpolation: median shift on the MATH-C4 axis below this means training barely moved
+REBUILD = "python -m core precompute --only {task} findings --force {task} findings"
 
 
-def trajectory_finding(traj: dict | None) -> dict:
-    claim = ("Sentences jump around the token-embedding space: the spread of their step lengths is statistically "
-             "lower than that of random walks over the vocabulary, though close.")
-    if not traj or "token_layer" not in traj:
-        return _not_measured("trajectory", claim, "Embedding space", "trajectory over the token cloud",
-                             "no trajectory table")
-    t, last = traj["token_layer"], traj.get("last_layer")
-    ratio = t["real_mean_step"] / t["random_mean_step"]
-    lower = t["std_p_value"] < 0.05
-    lower_last = last is not None and last["std_p_value"] < 0.05
-    close = 0.7 < ratio < 1.3
-    verdict = "agrees" if lower and close else ("partly" if lower_last else "does not agree")
-    measured = (f"over {int(t['n_real'])} news sentences in the token-embedding space: spread of steps lower than "
-                f"random walks' with one-sided Mann-Whitney p = {t['std_p_value']:.2g}; mean step "
-                f"{t['real_mean_step']:.2f} vs {t['random_mean_step']:.2f} for random walks")
-    if last is not None:
-        measured += (f". In the last layer's activations the spread is lower with p = {last['std_p_value']:.2g} "
-                     f"(mean step {last['real_mean_step']:.0f} vs {last['random_mean_step']:.0f})")
-    return _finding("trajectory", claim, "Embedding space", "sentence trajectory and step statistics", measured,
-                    verdict, "agrees when the token-level spread test gives p < 0.05 and mean steps are within 30% "
-                    "of the random walks'; partly when only the last layer's spread is lower",
-                    {"ratio": ratio, "std_p_value": t["std_p_value"]})
+def _num(x) -> float | None:  # noqa: ANN001
+    """JSON-safe number: None for NaN, inf or missing."""
+    try:
+        value = float(x)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
-def separation_finding(sep: pd.DataFrame | None) -> dict:
-    claim = ("SQuAD activations stay close to C4, while MATH activations lie in a distant cluster, on all layers.")
-    if sep is None or sep.empty:
-        return _not_measured("separation", claim, "Activations", "separation across layers", "no separation table")
-    pivot = sep.pivot_table(index="layer", columns="comparison", values="centroid_ratio")
-    sil = sep.pivot_table(index="layer", columns="comparison", values="silhouette")
-    further = (pivot["math vs c4"] > pivot["squad vs c4"])
-    share = float(further.mean())
-    layers = list(pivot.index)
-    picks = [layers[0], layers[len(layers) // 2], layers[-1]]
-    detail = "; ".join(
-        f"layer {k}: centroid ratio MATH-C4 {pivot.loc[k, 'math vs c4']:.2f} vs SQuAD-C4 "
-        f"{pivot.loc[k, 'squad vs c4']:.2f}, silhouette {sil.loc[k, 'math vs c4']:.2f} vs "
-        f"{sil.loc[k, 'squad vs c4']:.2f}" for k in picks)
-    verdict = "agrees" if share == 1.0 else ("partly" if share >= 0.5 else "does not agree")
-    measured = f"MATH sits further from C4 than SQuAD does on {share:.0%} of {len(layers)} layers ({detail})"
-    return _finding("separation", claim, "Activations", "separation across layers", measured, verdict,
-                    "agrees when MATH-C4 centroid distance (relative to spread) exceeds SQuAD-C4's on every layer",
-                    {"share_of_layers": share})
+def _finding(key: str, claim: str, page: str, chart: str, *, test: str, effect, ci, n: int, verdict: str,  # noqa: ANN001
+             measured: str, why: str, rule: dict, numbers: dict | None = None) -> dict:
+    if verdict not in (AGREES, DISAGREES, INCONCLUSIVE):
+        raise ValueError(f"verdict must be agrees, does not agree or inconclusive; got {verdict!r}")
+    ci_pair = None if ci is None else [_num(ci[0]), _num(ci[1])]
+    return {"key": key, "claim": claim, "page": page, "chart": chart, "test": test, "effect": _num(effect),
+            "ci": ci_pair, "n": int(n), "verdict": verdict, "measured": measured, "why": why,
+            "rule": {"confidence": CONFIDENCE, **rule}, "numbers": numbers or {}}
+
+
+def _fmt_ci(ci) -> str:  # noqa: ANN001
+    low, high = (_num(ci[0]), _num(ci[1])) if ci is not None else (None, None)
+    return "no CI" if low is None or high is None else f"95% CI [{low:.3g}, {high:.3g}]"
+
+
+def _seeds(table: pd.DataFrame) -> dict[str, int]:
+    return {str(p): int(c) for p, c in table.groupby("prior").size().items()}
+
+
+def _enough_seeds(table: pd.DataFrame) -> tuple[list[str], str]:
+    """Priors with at least MIN_SEEDS runs, and why the test cannot run when fewer than two have them."""
+    seeds = _seeds(table)
+    enough = [p for p, c in seeds.items() if c >= MIN_SEEDS]
+    if len(enough) >= 2:
+        return enough, ""
+    listed = ", ".join(f"{p} {c}" for p, c in seeds.items())
+    return enough, (f"inconclusive: the test needs at least {MIN_SEEDS} seeds per prior for 2 or more priors; "
+                    f"the gallery has {listed} seed(s)")
 
 
 def _soft_math(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[(runs["method"] == "soft") & (runs["dataset"] == "math")]
 
 
+# --------------------------------------------------------------------------- trajectories
+
+
+def trajectory_finding(traj: dict | None) -> dict:
+    claim = ("Sentences jump around the token-embedding space: the spread of their step lengths is statistically "
+             "lower than that of a random walk, though close.")
+    test = "paired Wilcoxon signed-rank and bootstrap CI of CV(real) - CV(shuffled sentence), token layer"
+    rule = {"test": test, "statistic": "mean over sentences of CV(real steps) - CV(same tokens shuffled)",
+            "agrees_when": "CI entirely below 0", "does_not_agree_when": "CI entirely above 0",
+            "otherwise": "inconclusive", "baseline": "the sentence's own tokens in random order"}
+    page, chart = "Embedding space", "sentence trajectory and step statistics"
+    pairs = (traj or {}).get("shuffled_cv", {})
+    token = pairs.get("token_layer")
+    if not token:
+        return _finding("trajectory", claim, page, chart, test=test, effect=None, ci=None, n=0, verdict=INCONCLUSIVE,
+                        measured="no per-sentence step variation against the shuffled-sentence baseline is stored",
+                        why="the trajectory table predates the shuffled-sentence test; rebuild it with `"
+                            + REBUILD.format(task="trajectory") + "`", rule=rule)
+    res = paired_difference(token["real"], token["shuffled"])
+    verdict = verdict_from_ci(res["ci"], agrees_below=0.0)
+    measured = (f"over {res['n']} news sentences, CV of step lengths minus that of the same tokens shuffled: "
+                f"{res['effect']:+.3f} ({_fmt_ci(res['ci'])}, Wilcoxon p = {res['p_value']:.2g})")
+    numbers = {"token_layer": res}
+    last = pairs.get("last_layer")
+    if last:
+        deep = paired_difference(last["real"], last["shuffled"])
+        numbers["last_layer"] = deep
+        measured += (f"; at the last layer (layer {last.get('layer')}): {deep['effect']:+.3f} "
+                     f"({_fmt_ci(deep['ci'])}, Wilcoxon p = {deep['p_value']:.2g})")
+    return _finding("trajectory", claim, page, chart, test=test, effect=res["effect"], ci=res["ci"], n=res["n"],
+                    verdict=verdict, measured=measured, why=f"{verdict}: the token-layer CI "
+                    + ("is below 0" if verdict == AGREES else "is above 0" if verdict == DISAGREES
+                       else "includes 0"), rule=rule, numbers=numbers)
+
+
+# --------------------------------------------------------------------------- separation
+
+
+def separation_finding(sep: pd.DataFrame | None, gaps: pd.DataFrame | None = None) -> dict:
+    claim = "SQuAD activations stay close to C4, while MATH activations lie in a distant cluster, on all layers."
+    test = ("bootstrap CI over documents of centroid_ratio(MATH vs C4) - centroid_ratio(SQuAD vs C4), per layer; "
+            "layer 0 (token embeddings) as the lexical control")
+    rule = {"test": test, "agrees_when": "the gap's CI is above 0 at every tested layer",
+            "does_not_agree_when": "the gap's CI is below 0 at some tested layer", "otherwise": "inconclusive",
+            "control": "layer 0: a gap there comes from which tokens the texts use, not from what the model computes"}
+    page, chart = "Activations", "separation across layers"
+    if gaps is None or gaps.empty:
+        point = ""
+        if sep is not None and not sep.empty:
+            pivot = sep.pivot_table(index="layer", columns="comparison", values="centroid_ratio")
+            share = float((pivot["math vs c4"] > pivot["squad vs c4"]).mean())
+            point = f"without CIs, MATH sits further from C4 than SQuAD does on {share:.0%} of {len(pivot)} layers; "
+        return _finding("separation", claim, page, chart, test=test, effect=None, ci=None, n=0, verdict=INCONCLUSIVE,
+                        measured=point + "no per-document bootstrap is stored",
+                        why="the separation table predates the CI; rebuild it with `"
+                            + REBUILD.format(task="separation") + "`", rule=rule)
+    gaps = gaps.sort_values("layer")
+    last, control = gaps.iloc[-1], gaps.iloc[0]
+    lows, highs = gaps["ci_low"].to_numpy(), gaps["ci_high"].to_numpy()
+    verdict = AGREES if (lows > 0).all() else (DISAGREES if (highs < 0).any() else INCONCLUSIVE)
+    detail = "; ".join(f"layer {int(r.layer)}: {r.gap:+.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]"
+                       for r in gaps.itertuples())
+    beyond = ("larger than" if last["ci_low"] > control["ci_high"] else "smaller than"
+              if last["ci_high"] < control["ci_low"] else "not distinguishable from")
+    measured = (f"gap of centroid ratios (MATH-C4 minus SQuAD-C4) with 95% CIs: {detail}. The last layer's gap is "
+                f"{beyond} the lexical control's (layer {int(control.layer)})")
+    return _finding("separation", claim, page, chart, test=test, effect=last["gap"],
+                    ci=[last["ci_low"], last["ci_high"]], n=int(last["n_docs"]), verdict=verdict, measured=measured,
+                    why=f"{verdict}: CIs at layers {', '.join(str(int(x)) for x in gaps['layer'])}",
+                    rule=rule, numbers={"gaps": gaps.to_dict(orient="records")})
+
+
+# --------------------------------------------------------------------------- the run-based claims
+
+
 def collapse_finding(runs: pd.DataFrame | None) -> dict:
     claim = ("Trained prompts do not always collapse onto the token embeddings: where they end up depends on "
              "the prior.")
-    if runs is None or runs.empty:
-        return _not_measured("collapse", claim, "Divergence", "prior, path and posterior on the same PCA axes",
-                             "no runs")
-    cols = ["collapse_score", "collapse_score_cos", "median_manifold_ratio", "median_nearest_cos", "mean_drift_l2"]
-    soft = _soft_math(runs).groupby("prior")[cols].mean()
-    spread = float(soft["median_manifold_ratio"].max() / max(soft["median_manifold_ratio"].min(), 1e-9))
-    # The angular score: short vectors near the centre are 'closer to a token than its neighbour' in
-    # Euclidean terms without pointing at any token, so the Euclidean score alone would overstate collapse.
-    all_collapsed = bool((soft["collapse_score_cos"] >= 0.9).all())
-    verdict = "does not agree" if all_collapsed else ("agrees" if spread > 2 else "partly")
-    measured = "; ".join(f"{p}: collapse {r.collapse_score_cos:.2f} by angle ({r.collapse_score:.2f} by distance), "
-                         f"nearest-token cosine {r.median_nearest_cos:.2f}, manifold distance "
-                         f"x{r.median_manifold_ratio:.1f}, drift {r.mean_drift_l2:.3f}" for p, r in soft.iterrows())
-    return _finding("collapse", claim, "Divergence", "prior, path and posterior on the same PCA axes", measured,
-                    verdict, "agrees when not every prior's posterior collapses (angular score < 0.9 for some) and the "
-                    "posteriors' distances to the token manifold differ over 2x across priors",
-                    {"per_prior": soft.reset_index().to_dict(orient="records")})
+    test = ("Kruskal-Wallis across priors on the final collapsed share (core.analysis.divergence.collapsed), "
+            "bootstrap CI of the range of prior means; step 0 beside it")
+    rule = {"test": test, "min_seeds_per_prior": MIN_SEEDS,
+            "agrees_when": "Kruskal-Wallis p < 0.05 across priors and the range's CI above 0",
+            "does_not_agree_when": "every prior's mean final collapsed share is 0.9 or more (prompts always collapse)",
+            "otherwise": "inconclusive",
+            "collapsed": "nearest-token cosine >= the vocabulary's median nearest-neighbour cosine and norm within x2"}
+    page, chart = "Divergence", "collapsed share against step, with step 0 and the fresh-prior band"
+    if runs is None or runs.empty or "collapsed_share" not in runs:
+        return _finding("collapse", claim, page, chart, test=test, effect=None, ci=None, n=0, verdict=INCONCLUSIVE,
+                        measured="no collapsed share in the run table",
+                        why="the runs table predates the collapse measure; rebuild it with `"
+                            + REBUILD.format(task="runs_table") + "`", rule=rule)
+    soft = _soft_math(runs).dropna(subset=["collapsed_share"])
+    per = soft.groupby("prior").agg(runs=("collapsed_share", "size"), step0=("init_collapsed_share", "mean"),
+                                    final=("collapsed_share", "mean"))
+    samples = [g["collapsed_share"].to_numpy() for _, g in soft.groupby("prior")]
+    ci = bootstrap_ci(tuple(samples), lambda *s: max(map(np.mean, s)) - min(map(np.mean, s))) if samples else None
+    effect = float(per["final"].max() - per["final"].min()) if len(per) else None
+    change = paired_difference(soft["collapsed_share"], soft["init_collapsed_share"]) if len(soft) else {}
+    measured = ("soft/MATH collapsed share at step 0 -> trained, per prior: "
+                + "; ".join(f"{p} {r.step0:.2f} -> {r.final:.2f} ({int(r.runs)} run(s))" for p, r in per.iterrows())
+                + f". Range of prior means {effect:.2f} ({_fmt_ci(ci)}). Training changed the share by "
+                  f"{change.get('effect', math.nan):+.2f} on average ({_fmt_ci(change.get('ci'))})")
+    enough, why = _enough_seeds(soft)
+    verdict = INCONCLUSIVE
+    numbers = {"per_prior": per.reset_index().to_dict(orient="records"), "change_from_step0": change}
+    if not why:
+        from scipy.stats import kruskal
+
+        groups = [soft[soft["prior"] == p]["collapsed_share"].to_numpy() for p in enough]
+        flat = np.concatenate(groups)
+        p_value = 1.0 if np.ptp(flat) == 0 else float(kruskal(*groups).pvalue)
+        numbers["kruskal_p"] = p_value
+        if (per.loc[enough, "final"] >= 0.9).all():
+            verdict = DISAGREES
+        elif p_value < 0.05 and ci is not None and ci[0] > 0:
+            verdict = AGREES
+        why = f"{verdict}: Kruskal-Wallis p = {p_value:.3g} over {len(enough)} priors with {MIN_SEEDS}+ seeds"
+    return _finding("collapse", claim, page, chart, test=test, effect=effect, ci=ci, n=len(soft), verdict=verdict,
+                    measured=measured, why=why, rule=rule, numbers=numbers)
 
 
 def quality_finding(runs: pd.DataFrame | None) -> dict:
     claim = "Final quality is the same whatever the prior."
+    test = (f"equivalence (TOST: two one-sided Welch t-tests) of each prior's mean final validation loss with the "
+            f"reference prior's, margin {QUALITY_MARGIN:.0%} of the mean loss")
+    rule = {"test": test, "margin_relative": QUALITY_MARGIN, "min_seeds_per_prior": MIN_SEEDS, "alpha": 0.05,
+            "agrees_when": "every prior is equivalent to the reference (TOST p < 0.05)",
+            "does_not_agree_when": "some prior's 90% CI of the difference lies entirely outside the margin",
+            "otherwise": "inconclusive", "reference_prior": "gaussian (else the first prior)"}
+    page, chart = "Runs", "final loss per prior"
     if runs is None or runs.empty:
-        return _not_measured("quality", claim, "Runs", "final loss per prior", "no runs")
-    from core.analysis.runs_compare import prior_significance
-
-    sig = prior_significance(runs, "final_val_loss")
-    soft = _soft_math(runs).groupby("prior")["final_val_loss"].mean()
-    rel_span = float((soft.max() - soft.min()) / soft.mean()) if len(soft) else math.nan
-    tested = [t for t in sig["tests"] if not math.isnan(t.get("p_value", math.nan))]
-    differs = any(t["p_value"] < 0.05 for t in tested)
-    verdict = "does not agree" if differs else ("agrees" if rel_span < 0.1 else "partly")
-    measured = ("soft/MATH final validation loss by prior: "
-                + ", ".join(f"{p} {v:.3f}" for p, v in soft.items())
-                + f" (spread {rel_span:.0%} of the mean). {sig['statement']}")
-    return _finding("quality", claim, "Runs", "final loss per prior", measured, verdict,
-                    "agrees when no test across repeated seeds finds a difference (p >= 0.05) and the soft/MATH "
-                    "means span under 10%", {"relative_span": rel_span})
+        return _finding("quality", claim, page, chart, test=test, effect=None, ci=None, n=0, verdict=INCONCLUSIVE,
+                        measured="no runs", why="no run table", rule=rule)
+    soft = _soft_math(runs).dropna(subset=["final_val_loss"])
+    means = soft.groupby("prior")["final_val_loss"].mean()
+    margin = QUALITY_MARGIN * float(soft["final_val_loss"].mean())
+    reference = "gaussian" if "gaussian" in means.index else str(means.index[0])
+    ref = soft[soft["prior"] == reference]["final_val_loss"].to_numpy()
+    far = max((p for p in means.index if p != reference), key=lambda p: abs(means[p] - means[reference]), default=None)
+    effect = float(means[far] - means[reference]) if far is not None else None
+    ci = (bootstrap_ci((soft[soft["prior"] == far]["final_val_loss"].to_numpy(), ref),
+                       lambda a, b: np.mean(a) - np.mean(b)) if far is not None else None)
+    measured = ("soft/MATH final validation loss by prior: " + ", ".join(f"{p} {v:.3f}" for p, v in means.items())
+                + f"; margin +-{margin:.3f}. "
+                + (f"Largest difference from {reference}: {far} {effect:+.3f} ({_fmt_ci(ci)})" if far is not None
+                   else "Only one prior"))
+    enough, why = _enough_seeds(soft)
+    verdict, numbers = INCONCLUSIVE, {"means": means.to_dict(), "margin": margin, "reference": reference}
+    if not why and reference in enough:
+        tests = {p: tost(soft[soft["prior"] == p]["final_val_loss"].to_numpy(), ref, margin)
+                 for p in enough if p != reference}
+        numbers["tost"] = tests
+        if all(t["p_value"] < 0.05 for t in tests.values()):
+            verdict = AGREES
+        elif any(t["ci90"][0] > margin or t["ci90"][1] < -margin for t in tests.values()):
+            verdict = DISAGREES
+        why = f"{verdict}: TOST p = " + ", ".join(f"{p} {t['p_value']:.3g}" for p, t in tests.items())
+    elif not why:
+        why = f"inconclusive: the reference prior {reference} has fewer than {MIN_SEEDS} seeds"
+    return _finding("quality", claim, page, chart, test=test, effect=effect, ci=ci, n=len(soft), verdict=verdict,
+                    measured=measured, why=why, rule=rule, numbers=numbers)
 
 
 def speed_finding(runs: pd.DataFrame | None) -> dict:
     claim = "Priors that start far from the data take longer to reach the same validation loss."
-    if runs is None or runs.empty or "steps_to_loss" not in runs:
-        return _not_measured("speed", claim, "Runs", "steps to reach a loss", "no runs")
-    from core.analysis.runs_compare import divergence_vs_speed
-
-    soft = _soft_math(runs)
-    res = divergence_vs_speed(soft)
-    steps = soft.groupby("prior")["steps_to_loss"].mean()
-    if math.isnan(res["rho"]):
-        verdict = "not measured"
-    else:
-        verdict = "agrees" if res["rho"] > 0 and res["p_value"] < 0.05 else ("partly" if res["rho"] > 0
-                                                                           else "does not agree")
-    measured = ("steps to the common loss: " + ", ".join(
-        f"{p} {'never' if np.isnan(v) else int(v)}" for p, v in steps.items()) + f". {res['statement']}")
-    return _finding("speed", claim, "Runs", "steps to reach a loss", measured, verdict,
-                    "agrees when the rank correlation of initial distance and steps-to-loss is positive with p < 0.05",
-                    {"rho": res["rho"], "p_value": res["p_value"]})
+    test = ("Spearman rank correlation of the initial sample's distance to the token manifold with the steps to a "
+            "validation loss every run reaches, paired bootstrap CI")
+    rule = {"test": test, "min_seeds_per_prior": MIN_SEEDS, "distance": "init_manifold_ratio",
+            "target": "the largest best validation loss of the soft/MATH runs (every run reaches it)",
+            "agrees_when": "the CI of rho is above 0", "does_not_agree_when": "the CI of rho is below 0",
+            "otherwise": "inconclusive"}
+    page, chart = "Runs", "steps to reach a loss"
+    if runs is None or runs.empty or "best_val_loss" not in runs:
+        return _finding("speed", claim, page, chart, test=test, effect=None, ci=None, n=0, verdict=INCONCLUSIVE,
+                        measured="no runs", why="no run table", rule=rule)
+    soft = _soft_math(runs).dropna(subset=["best_val_loss", "init_manifold_ratio"])
+    # runs_table's "auto" target: per method and dataset, the largest best loss, so every soft/MATH run reaches it
+    target = float(soft["target_loss"].iloc[0]) if "target_loss" in soft and len(soft) else math.nan
+    steps = pd.to_numeric(soft.get("steps_to_loss", pd.Series(np.nan, index=soft.index)), errors="coerce")
+    res = spearman_ci(soft["init_manifold_ratio"], steps)
+    rho = "n/a" if _num(res["rho"]) is None else f"{res['rho']:.3f}"
+    p_value = "n/a" if _num(res["p_value"]) is None else f"{res['p_value']:.2g}"
+    measured = (f"over {res['n']} soft/MATH runs, steps to validation loss {target:.3f}: Spearman rho = {rho} "
+                f"({_fmt_ci(res['ci'])}, p = {p_value})")
+    enough, why = _enough_seeds(soft)
+    verdict = INCONCLUSIVE
+    if not why:
+        verdict = verdict_from_ci(tuple(res["ci"]), agrees_above=0.0)
+        why = f"{verdict}: the CI of rho " + ("is above 0" if verdict == AGREES else "is below 0"
+                                              if verdict == DISAGREES else "includes 0")
+    return _finding("speed", claim, page, chart, test=test, effect=res["rho"], ci=res["ci"], n=res["n"],
+                    verdict=verdict, measured=measured, why=why, rule=rule,
+                    numbers={"target_loss": target, "seeds": _seeds(soft)})
 
 
 def interpolation_finding(interp: pd.DataFrame | None) -> dict:
     claim = "A model can use embeddings between the MATH and C4 clusters (deep prompts from the interpolation prior)."
-    if interp is None or interp.empty:
-        return _not_measured("interpolation", claim, "Interpolation", "posterior positions on the MATH-C4 axis",
-                             "no interpolation table")
-    rows = interp[interp["prior"] == "interpolation"] if "prior" in interp else interp
-    post = rows[rows["kind"] == "posterior"]["position"].to_numpy()
-    prior = rows[rows["kind"] == "prior"]["position"].to_numpy()
-    if not len(post):
-        return _not_measured("interpolation", claim, "Interpolation", "posterior positions on the MATH-C4 axis",
-                             "no trained interpolation prompts")
-    between = float(np.mean((post > 0.05) & (post < 0.95))) if len(post) else math.nan
-    verdict = "agrees" if between >= 0.5 else ("partly" if between >= 0.2 else "does not agree")
-    measured = (f"{between:.0%} of trained deep-prompt vectors lie between the cluster means (0 = C4, 1 = MATH); "
-                f"median position {np.median(post):.2f} after training vs {np.median(prior):.2f} at the prior")
-    return _finding("interpolation", claim, "Interpolation", "posterior positions on the MATH-C4 axis", measured,
-                    verdict, "agrees when at least half of the trained vectors stay strictly between the means",
-                    {"share_between": between})
+    test = ("share of trained deep-prompt vectors strictly between the cluster means, bootstrap CI over runs; "
+            "training must have moved them")
+    rule = {"test": test, "min_runs": 3, "moved_at_least": MOVED_AT_LEAST,
+            "agrees_when": "the share's CI is above 0.5 and the median shift on the axis is at least 0.01",
+            "does_not_agree_when": "the share's CI is below 0.5 and the vectors moved",
+            "otherwise": "inconclusive"}
+    page, chart = "Interpolation", "posterior positions on the MATH-C4 axis"
+    rows = interp[interp["prior"] == "interpolation"] if interp is not None and "prior" in interp else interp
+    if rows is None or rows.empty or not (rows["kind"] == "posterior").any():
+        return _finding("interpolation", claim, page, chart, test=test, effect=None, ci=None, n=0,
+                        verdict=INCONCLUSIVE, measured="no trained interpolation prompts",
+                        why="no interpolation table", rule=rule)
+    keys = ["run", "tensor", "vector"]
+    both = rows.pivot_table(index=keys, columns="kind", values="position").dropna()
+    between = ((both["posterior"] > 0.05) & (both["posterior"] < 0.95))
+    shift = float((both["posterior"] - both["prior"]).abs().median()) if "prior" in both else math.nan
+    per_run = between.groupby(level="run").mean().to_numpy()
+    effect = float(between.mean())
+    ci = bootstrap_ci((per_run,), np.mean)
+    n_runs = len(per_run)
+    measured = (f"{effect:.0%} of {len(both)} trained deep-prompt vectors ({n_runs} run(s)) lie between the "
+                f"means (0 = C4, 1 = MATH), {_fmt_ci(ci)}; median shift from the prior sample {shift:.4f}")
+    if n_runs < 3:
+        verdict, why = INCONCLUSIVE, f"inconclusive: {n_runs} run(s); the CI needs 3 or more"
+    elif not shift >= MOVED_AT_LEAST:
+        verdict, why = INCONCLUSIVE, ("inconclusive: training barely moved the vectors, so their positions are "
+                                      "the prior's, not what the model uses")
+    else:
+        verdict = verdict_from_ci(ci, agrees_above=0.5)
+        why = f"{verdict}: the share's CI against 0.5"
+    return _finding("interpolation", claim, page, chart, test=test, effect=effect, ci=ci, n=n_runs, verdict=verdict,
+                    measured=measured, why=why, rule=rule, numbers={"median_shift": shift})
 
 
 def vae_finding(vae: dict | None) -> dict:
-    claim = "A VAE prior trained on activations collapses: its samples lose the data's spread."
+    claim = "A VAE prior trained on last-layer activations collapses: its samples lose the data's spread."
+    test = "decoded spread of VAE prior samples over the data's spread, against 0.5"
+    rule = {"test": test, "agrees_when": "the spread ratio's CI is below 0.5 for a VAE fitted on last-layer "
+            "activations", "does_not_agree_when": "its CI is above 0.5", "otherwise": "inconclusive"}
+    page, chart = "Prior lab", "VAE prior samples over the reference"
     if not vae:
-        return _not_measured("vae", claim, "Prior lab", "VAE prior samples over the reference", "no VAE diagnostics")
+        return _finding("vae", claim, page, chart, test=test, effect=None, ci=None, n=0, verdict=INCONCLUSIVE,
+                        measured="no VAE diagnostics", why="no VAE table", rule=rule)
     g = vae["diagnostics"]
-    collapsed = g["spread_ratio"] < 0.5 or g["active_units"] <= max(1, g["latent_dim"] // 4)
-    verdict = "agrees" if collapsed else "does not agree"
-    measured = (f"{g['active_units']}/{g['latent_dim']} active latent units, decoded spread {g['spread_ratio']:.2f} "
-                f"x the data's, reconstruction error {g['recon_rel_error']:.2f} of the variance")
-    return _finding("vae", claim, "Prior lab", "VAE prior samples over the reference", measured, verdict,
-                    "agrees when decoded spread is under half the data's or a quarter or fewer latent units are active",
-                    {k: g[k] for k in ("active_units", "latent_dim", "spread_ratio")})
+    describe = vae.get("describe", "")
+    measured = describe or (f"VAE prior: {g['active_units']}/{g['latent_dim']} active latent units, decoded "
+                            f"spread {g['spread_ratio']:.2f} x the data's")
+    last_layer = "at layer 0" not in describe
+    why = ("inconclusive: " + ("the VAE was fitted on layer-0 activations, not on last-layer activations as in the "
+                               "paper's section 4.6; " if not last_layer else "")
+           + "only one spread ratio is stored (no samples to give a CI)")
+    return _finding("vae", claim, page, chart, test=test, effect=g["spread_ratio"], ci=None,
+                    n=1, verdict=INCONCLUSIVE, measured=measured, why=why, rule=rule,
+                    numbers={k: g[k] for k in ("active_units", "latent_dim", "spread_ratio")})
 
 
-def compute_findings(store: ArtifactStore, lm=None) -> dict:  # noqa: ANN001 - lm unused, kept for symmetry
-    """All findings from the tables in `store` (missing tables give 'not measured')."""
-    runs = store.load_table("runs")
+# --------------------------------------------------------------------------- all of them
+
+
+def numbers_line(finding: dict) -> str:
+    """One line for the page: effect, its 95% CI and n (a finding from before they were stored says so)."""
+    if "effect" not in finding:
+        return "This finding predates effects and CIs; rebuild findings with `python -m core precompute`."
+    effect = finding.get("effect")
+    shown = "n/a" if effect is None else f"{effect:.3g}"
+    return f"Effect {shown}, {_fmt_ci(finding.get('ci'))}, n = {finding.get('n', 0)}."
+
+
+def _runs_with_collapse(store: ArtifactStore, runs: pd.DataFrame | None, lm) -> pd.DataFrame | None:  # noqa: ANN001
+    """The stored run table, with the collapse columns measured from the stored runs when the table predates them
+    (needs the model; the table on disk is left as it is)."""
+    if runs is None or runs.empty or "collapsed_share" in runs or lm is None:
+        return runs
+    from core.analysis.runs_compare import RunEntry, runs_table
+    from core.runs import run_info
+
+    paths = [Path(store.runs_root) / name for name in runs["run"]]
+    entries = [RunEntry(run_info(p), "precomputed") for p in paths if (p / "run.json").exists()]
+    return runs_table(lm, entries) if entries else runs
+
+
+def compute_findings(store: ArtifactStore, lm=None) -> dict:  # noqa: ANN001 - core.models.LoadedModel or None
+    """All findings from the tables in `store` (a missing table gives an inconclusive finding that says so).
+    With `lm`, a run table that predates the collapse measure is re-measured from the stored runs."""
+    runs = _runs_with_collapse(store, store.load_table("runs"), lm)
     findings = [
         trajectory_finding(store.load_json("trajectory")),
-        separation_finding(store.load_table("separation")),
+        separation_finding(store.load_table("separation"), store.load_table("separation_gaps")),
         collapse_finding(runs),
         quality_finding(runs),
         speed_finding(runs),

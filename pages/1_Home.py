@@ -7,8 +7,9 @@ import ui_state
 from core.artifacts import ArtifactStore
 from core.assets import provenance
 from core.data import dataset_label, load_examples, load_report
+from core.findings import numbers_line
 
-VERDICT_ICON = {"agrees": "✅", "partly": "🟡", "does not agree": "❌", "not measured": "⚪"}
+VERDICT_ICON = {"agrees": "✅", "does not agree": "❌", "inconclusive": "⚪"}
 
 st.title("Prior Lab")
 st.caption("Embedding priors in prompt-tuning: where soft prompts start, where they end up, and whether they collapse.")
@@ -37,10 +38,14 @@ if not findings:
 for f in findings:
     with st.container(border=True):
         st.markdown(f"{VERDICT_ICON.get(f['verdict'], '')} **{f['claim']}**")
+        st.markdown(f"*Test:* {f.get('test', 'n/a')}.")
         st.markdown(f"*This model:* {f['measured']}.")
-        st.caption(f"Verdict: **{f['verdict']}** ({f['rule']}). See page *{f['page']}*, chart *{f['chart']}*.")
+        st.caption(numbers_line(f))
+        st.caption(f"Verdict: **{f['verdict']}**. {f.get('why', '')}. See page *{f['page']}*, chart *{f['chart']}*.")
 if findings:
-    st.caption(note)
+    st.caption("Each verdict is agrees, does not agree or inconclusive: its rule (test, margin, thresholds) is stored "
+               "beside the numbers in artifacts/tables/findings.json. With only one or two seeds per prior, most "
+               "verdicts about priors are honestly inconclusive. " + note)
 
 st.subheader("Loaded model")
 summary = lm.summary()

@@ -248,10 +248,10 @@ def test_malformed_files_other_shapes(tmp_path):
 
 
 def test_math_1000_is_deterministic_and_seeded():
-    a = load_examples("math", n=1000, seed=0)
+    a = load_examples("math", n=1000, seed=0, modules="all")  # the nine modules mixed (the default is one task)
     assert len(a) == 1000
-    assert a == load_examples("math", n=1000, seed=0)
-    b = load_examples("math", n=1000, seed=1)
+    assert a == load_examples("math", n=1000, seed=0, modules="all")
+    b = load_examples("math", n=1000, seed=1, modules="all")
     assert [e.prompt for e in a] != [e.prompt for e in b]
     assert set(Counter(e.meta["module"] for e in a)) == set(ARITHMETIC_MODULES)
     ex = a[0]
@@ -340,7 +340,8 @@ def test_labels_and_texts():
     assert dataset_label("squad") == "QuAC, SQuAD format: offline stand-in for SQuAD"
     assert dataset_label("c4") == "news articles: offline stand-in for C4"
     assert dataset_label("math") == (
-        "DeepMind mathematics_dataset generator, arithmetic modules (same generator as MATH)")
+        "DeepMind mathematics_dataset generator, arithmetic modules (same generator as MATH); task "
+        "add_sub_multiple@easy")
     assert "rajpurkar/squad" in dataset_label("squad", "hub")
     texts = example_texts("math", n=5)
     exs = load_examples("math", n=5)

@@ -46,7 +46,8 @@ def test_quick_build_has_every_artifact_and_run(quick_store, tiny_lm):
     assert names == sorted(s["name"] for s in gallery_specs(QUICK))
     findings = quick_store.load_json("findings")["findings"]
     assert {f["key"] for f in findings} >= {"trajectory", "separation", "collapse", "quality", "speed", "vae"}
-    assert all(f["verdict"] in ("agrees", "partly", "does not agree", "not measured") for f in findings)
+    assert all(f["verdict"] in ("agrees", "does not agree", "inconclusive") for f in findings)
+    assert all({"test", "effect", "ci", "n"} <= set(f) for f in findings)
 
 
 def test_quick_build_matches_the_committed_format(quick_store):

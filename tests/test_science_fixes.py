@@ -11,7 +11,6 @@ import torch
 from core.data import load_examples, load_report
 from core.data.example import qa_example
 
-
 # --------------------------------------------------------------------------- transfer: QA inputs as in training
 
 
@@ -116,7 +115,8 @@ def _squad_file(path, n_passages: int = 6, per_passage: int = 2) -> str:
     articles = [{"title": "t", "paragraphs": [{
         "context": f"Passage {p} says that the colour number {p} is blue{p}.",
         "qas": [{"id": f"{p}-{q}", "question": f"What colour is number {p} (ask {q})?",
-                 "answers": [{"text": f"blue{p}", "answer_start": len(f"Passage {p} says that the colour number {p} is ")}]}
+                 "answers": [{"text": f"blue{p}",
+                              "answer_start": len(f"Passage {p} says that the colour number {p} is ")}]}
                 for q in range(per_passage)]} for p in range(n_passages)]}]
     path.write_text(json.dumps({"version": "1.1", "data": articles}))
     return str(path)
@@ -160,3 +160,31 @@ def test_training_from_one_plain_squad_file_is_refused(tmp_path, tiny_lm):
                          eval_n=0, compute="fp32")
     with pytest.raises(ValueError, match="training and validation would be the same questions.*split:"):
         train(tiny_lm, config, tmp_path / "run", evaluate=False)
+
+
+# --------------------------------------------------------------------------- a learnable arithmetic task
+
+
+def test_default_math_task_is_add_sub_multiple_with_small_integer_answers():
+    from core.data import dataset_label, dataset_task, math_task
+
+    examples = load_examples("math", split="validation", n=40, seed=0)
+    assert {e.meta["module"] for e in examples} == {"arithmetic__add_sub_multiple"}
+    assert {e.meta["difficulty"] for e in examples} == {"easy"}
+    answers = [int(e.answers[0]) for e in examples]  # integers, every one
+    assert max(abs(a) for a in answers) < 1000
+    assert math_task() == "add_sub_multiple@easy" and math_task("all") == "all@easy"
+    assert dataset_task("math") == "math:add_sub_multiple@easy" and dataset_task("squad") == "squad"
+    assert "add_sub_multiple@easy" in dataset_label("math")
+    mixed = load_examples("math", split="validation", n=60, seed=0, modules="all")
+    assert len({e.meta["module"] for e in mixed}) > 3  # the nine modules stay selectable
+    assert load_report("math")["default_task"] == "add_sub_multiple@easy"
+
+
+def test_caches_keyed_by_dataset_carry_the_math_task(tiny_lm):
+    from core.activations import _dataset_key
+    from core.priors.fit import fit_key
+
+    key, _ = _dataset_key("acts", tiny_lm, "math", (0,), 4, 0, "auto", 32, 8, "fp32")
+    assert "task=math:add_sub_multiple@easy" in key
+    assert "math:add_sub_multiple@easy" in fit_key(tiny_lm, "math", 0, 64, 0, "full", None)

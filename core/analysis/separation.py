@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from core.activations import cache_key, cached_bytes, check_layers, dataset_document_means, resolve_compute, source_key
+from core.data import dataset_task
 from core.models import LoadedModel
 
 DATASETS = ("c4", "squad", "math")
@@ -130,7 +131,8 @@ def dataset_separation(
     """
     layer_t = check_layers(lm, range(lm.num_layers + 1) if layers is None else layers)
     key = cache_key(
-        "separation", lm, datasets=list(datasets), source=source_key(source), n=n, seed=seed,
+        "separation", lm, datasets=list(datasets), tasks=[dataset_task(d, source) for d in datasets],
+        source=source_key(source), n=n, seed=seed,
         max_length=max_length, layers=list(layer_t), compute=resolve_compute(lm), folds=5,
     )
 
@@ -175,3 +177,37 @@ def summary_at(table: pd.DataFrame, layers: Sequence[int], comparisons: Sequence
     """Silhouette and probe accuracy at chosen layers, comparisons as columns (for reports)."""
     sub = table[table["layer"].isin(layers) & table["comparison"].isin(comparisons)]
     return sub.pivot(index="layer", columns="comparison", values=["silhouette", "probe_accuracy"])
+
+
+def centroid_gap(math: np.ndarray, squad: np.ndarray, c4: np.ndarray) -> float:
+    """centroid_ratio(MATH vs C4) - centroid_ratio(SQuAD vs C4) on [n, d] document means: > 0 when MATH sits
+    further from C4 than SQuAD does, relative to the clouds' spread."""
+    def ratio(a: np.ndarray, b: np.ndarray) -> float:
+        spread = np.mean([np.sqrt(((x - x.mean(0)) ** 2).sum(1).mean()) for x in (a, b)])
+        return float(np.linalg.norm(a.mean(0) - b.mean(0)) / max(spread, 1e-12))
+
+    return ratio(math, c4) - ratio(squad, c4)
+
+
+def separation_gaps(means: dict[str, dict[int, np.ndarray]], layers: Sequence[int], seed: int = 0) -> pd.DataFrame:
+    """The MATH-vs-SQuAD gap of centroid ratios (`centroid_gap`) at `layers`, with a 95% bootstrap CI over
+    documents (each dataset resampled on its own; scipy.stats.bootstrap). Layer 0 is the lexical control:
+    token embeddings only, so a gap there comes from which tokens the texts use (MATH's digits), not from
+    what the model computes. Columns: layer, gap, ci_low, ci_high, n_docs."""
+    from core.analysis.claims import bootstrap_ci
+
+    for d in ("math", "squad", "c4"):
+        if d not in means:
+            raise ValueError(f"separation gaps need document means of math, squad and c4; {d!r} is missing")
+    rows = []
+    for layer in layers:
+        groups = tuple(np.asarray(means[d][layer], dtype=np.float64) for d in ("math", "squad", "c4"))
+        # scipy's bootstrap resamples 1-D samples: resample document indices, then gather the rows
+        index = tuple(np.arange(len(g)) for g in groups)
+        def gap(*ix: np.ndarray, groups: tuple = groups) -> float:
+            return centroid_gap(*(g[np.asarray(i, dtype=int)] for g, i in zip(groups, ix, strict=True)))
+
+        low, high = bootstrap_ci(index, gap, seed=seed)
+        rows.append({"layer": int(layer), "gap": centroid_gap(*groups), "ci_low": low, "ci_high": high,
+                     "n_docs": int(sum(len(g) for g in groups))})
+    return pd.DataFrame(rows, columns=["layer", "gap", "ci_low", "ci_high", "n_docs"])

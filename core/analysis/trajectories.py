@@ -291,3 +291,29 @@ def sentence_vs_random(
     walks = _baseline_walks(lm, ids, n_walks, baseline, seed)
     rand = np.stack([step_lengths(p) for p in _layer_points(lm, walks, layer)])
     return traj, compare_steps(layer, [traj.steps], list(rand), unit="step", baseline=baseline), rand
+
+
+def step_cv(steps: np.ndarray) -> float:
+    """Coefficient of variation of one path's step lengths (std / mean): how unevenly it jumps, scale-free."""
+    steps = np.asarray(steps, dtype=np.float64)
+    return float(steps.std() / steps.mean()) if len(steps) and steps.mean() > 0 else float("nan")
+
+
+def shuffled_cv_pairs(
+    lm: LoadedModel, texts: Sequence[str], layer: int = 0, seed: int = 0, max_length: int = 48
+) -> dict:
+    """Per sentence, the coefficient of variation of its step lengths and of the same tokens shuffled.
+
+    The shuffled sentence is the baseline: same tokens (same embeddings at layer 0), order destroyed, so a
+    difference is about order, not vocabulary. Returns {"layer", "real": [m], "shuffled": [m]} (lists, JSON-ready),
+    paired by sentence; the pairs feed `core.analysis.claims.paired_difference`.
+    """
+    (layer,) = check_layers(lm, [layer])
+    ids = [seq for seq in tokenize(lm, texts, max_length) if len(seq) >= (3 if layer == 0 else 4)]
+    if len(ids) < 2:
+        raise ValueError("need at least 2 texts with 3+ tokens (4+ above layer 0) to compare step variation")
+    walks = shuffled_walks(ids, 1, seed=seed)
+    real = [step_cv(step_lengths(p)) for p in _layer_points(lm, ids, layer)]
+    shuffled = [step_cv(step_lengths(p)) for p in _layer_points(lm, walks, layer)]
+    keep = [i for i in range(len(real)) if np.isfinite(real[i]) and np.isfinite(shuffled[i])]
+    return {"layer": int(layer), "real": [real[i] for i in keep], "shuffled": [shuffled[i] for i in keep]}

@@ -48,7 +48,8 @@ from core.mathgen import ARITHMETIC_MODULES, DIFFICULTIES
 
 __all__ = [
     "ARITHMETIC_MODULES", "DATASETS", "DIFFICULTIES", "MATH_TEMPLATE", "QA_TEMPLATE", "SPLITS", "Example",
-    "HubUnavailableError", "dataset_label", "example_texts", "fit_to_length", "load_examples", "load_report",
+    "HubUnavailableError", "dataset_label", "dataset_task", "example_texts", "fit_to_length", "load_examples",
+    "load_report", "math_task",
     "render_math_prompt", "render_qa_prompt",
 ]
 
@@ -94,9 +95,12 @@ def load_examples(
 
     Deterministic for a seed; another seed gives another selection and order.
     `n=None` returns the whole split (not for generated or streamed data, which
-    need an `n`). For "math", `modules` picks arithmetic modules (default all
-    nine, mixed) and `difficulty` the generator's entropy band ("easy" | "medium"
-    | "hard"). Raises ValueError for an unknown dataset, split, source or
+    need an `n`). For "math", `modules` picks arithmetic modules: default
+    `arithmetic__add_sub_multiple` alone (small integer answers, a task the
+    model can learn; `math_task()` names it), "all" for the nine mixed, or a
+    list ("mul", "arithmetic__div", ...); `difficulty` is the generator's
+    entropy band ("easy", the default and easiest | "medium" | "hard"). Each
+    example records its module and difficulty in `meta`. Raises ValueError for an unknown dataset, split, source or
     module; HubUnavailableError when
     source="hub" and the hub cannot be reached.
     """
@@ -165,6 +169,21 @@ def _squad_load(src: str) -> qa.QALoad:
     return qa.load_squad_file(path, _stamp(path), divide)
 
 
+def math_task(modules: Sequence[str] | str | None = None, difficulty: str = "easy") -> str:
+    """The MATH task's short name, e.g. "add_sub_multiple@easy" (the default) or "all@easy"."""
+    return arith.task_name(modules, difficulty)
+
+
+def dataset_task(dataset: str, source: str | os.PathLike = "auto") -> str:
+    """What `load_examples(dataset, source=source)` serves by default, for cache keys and labels: the dataset name,
+    and for generated or hub MATH the default task ("math:add_sub_multiple@easy"), so results computed on
+    another task (the nine modules mixed, before it changed) are never served for this one."""
+    _check_dataset(dataset)
+    if dataset == "math" and resolve_source(source) in ("auto", "hub"):
+        return f"math:{math_task()}"
+    return dataset
+
+
 def dataset_label(dataset: str, source: str | os.PathLike = "auto") -> str:
     """An honest label of where the data comes from, for the UI."""
     _check_dataset(dataset)
@@ -180,8 +199,8 @@ def dataset_label(dataset: str, source: str | os.PathLike = "auto") -> str:
         ("squad", "hub"): f"SQuAD v1.1 ({qa.HUB_NAME}, Hugging Face hub)",
         ("c4", "auto"): web.NEWS_LABEL,
         ("c4", "hub"): f"C4 ({web.HUB_NAME}, en, Hugging Face hub)",
-        ("math", "auto"): arith.GENERATOR_LABEL,
-        ("math", "hub"): f"DeepMind MATH ({arith.HUB_NAME}, Hugging Face hub)",
+        ("math", "auto"): f"{arith.GENERATOR_LABEL}; task {math_task()}",
+        ("math", "hub"): f"DeepMind MATH ({arith.HUB_NAME}, Hugging Face hub); task {math_task()}",
     }
     return labels[dataset, src]
 

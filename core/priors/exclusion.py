@@ -40,6 +40,15 @@ def c_dim(c: float, dim: int) -> float:
     return math.exp((2.0 / dim) * math.log(c))
 
 
+NEARLY_FITTED = 0.05  # c_dim below 1 + this: the wide Gaussian is within 2.5% per axis of the fit itself
+
+
+def c_for_widening(c_dim_target: float, dim: int) -> float:
+    """The c whose c_dim is `c_dim_target` in `dim` dimensions: exp((dim / 2) log c_dim_target).
+    At d=576, c_dim = 1.21 (10% wider per axis) needs c = 1.21^288, about 7e23: the paper's c=5 gives 1.006."""
+    return math.exp((dim / 2.0) * math.log(c_dim_target))
+
+
 @lru_cache(maxsize=256)
 def expected_acceptance(c: float, dim: int) -> float:
     """Probability that a candidate from N(mu, c_dim Sigma) is accepted (exact; independent of Sigma)."""
@@ -128,7 +137,14 @@ class ExclusionPrior(GaussianFitPrior):
         return torch.where(inside, out, torch.full_like(out, -math.inf))
 
     def describe(self) -> str:
-        return (
+        text = (
             f"Gaussian exclusion, c={self.config.c:g} (c_dim={self.c_dim:.5f}, expected acceptance "
             f"{self.expected_acceptance:.2%}) around the {self.fit.describe()}"
         )
+        if self.c_dim - 1.0 < NEARLY_FITTED:
+            text += (
+                f". At d={self.dim}, c_dim={self.c_dim:.4f} widens each axis by only "
+                f"{(math.sqrt(self.c_dim) - 1) * 100:.1f}%: this is nearly the fitted prior. A c that matters: "
+                f"c={c_for_widening(1.21, self.dim):.3g} gives c_dim=1.21 (10% wider per axis)"
+            )
+        return text

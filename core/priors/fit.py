@@ -244,7 +244,9 @@ def fit_key(
     layer = resolve_layer(source, layer, lm)
     cloud = "tokens"
     if source != "tokens":
-        cloud = f"{source},layer={layer},n={n_docs},seed={data_seed},max_length={MAX_LENGTH}"
+        from core.data import dataset_task  # "math:add_sub_multiple@easy": a fit on another MATH task must miss
+
+        cloud = f"{dataset_task(source)},layer={layer},n={n_docs},seed={data_seed},max_length={MAX_LENGTH}"
     shrink = "ledoit-wolf" if shrinkage is None else f"{float(shrinkage):g}"
     return f"gauss/v{FORMAT_VERSION}/{lm.fingerprint}/{cloud}/cov={covariance},shrinkage={shrink}"
 
