@@ -238,11 +238,7 @@ BAD = {"list": ("[]", "expected an object"), "history": ('{"config": {}, "histor
 
 def test_listing_shows_every_unreadable_run_json(tiny_lm, tmp_path, capsys):
     _train(tiny_lm, tmp_path / "good", steps=1)
-    for name, (content, _) in BAD.items():
-        (tmp_path / name).mkdir()
-        write = (tmp_path / name / "run.json").write_bytes if isinstance(content, bytes) else \
-            (tmp_path / name / "run.json").write_text
-        write(content)
+    _bad_runs(tmp_path)
     scan = scan_runs(tmp_path)
     assert [r.name for r in scan.runs] == ["good"] and [r.name for r in list_runs(tmp_path)] == ["good"]
     problems = {p.path.name: p for p in scan.problems}
@@ -408,3 +404,35 @@ def test_a_killed_run_shows_interrupted_and_resumes(tiny_cli, tmp_path, capsys):
     assert resumed.returncode == 0, err
     data = json.loads((out / "run.json").read_text())
     assert data["status"] == "done" and [h["step"] for h in data["history"]] == list(range(9))
+
+
+# -- the pages list unreadable runs too ------------------------------------------------------------------
+def _bad_runs(root) -> None:
+    for name, (content, _) in BAD.items():
+        (root / name).mkdir(parents=True)
+        if isinstance(content, bytes):
+            (root / name / "run.json").write_bytes(content)
+        else:
+            (root / name / "run.json").write_text(content)
+
+
+def test_train_and_runs_pages_show_unreadable_runs(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    import core.paths
+    from core.analysis import runs_compare
+
+    pages = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pages")
+    _bad_runs(tmp_path / "runs")
+    monkeypatch.setattr(core.paths, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr(runs_compare, "ORIGINS", {"yours": tmp_path / "runs", "precomputed": tmp_path / "none"})
+    at = AppTest.from_file(os.path.join(pages, "5_Train.py"), default_timeout=120).run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert set(table["name"]) == set(BAD) and set(table["status"]) == {"unreadable"}
+    assert any("5 run folder(s) cannot be read" in w.value for w in at.warning)
+    at = AppTest.from_file(os.path.join(pages, "8_Runs.py"), default_timeout=120).run()
+    assert not at.exception
+    assert any("5 run folder(s) cannot be read" in w.value for w in at.warning)
+    problems = at.dataframe[0].value
+    assert sorted(problems["file"]) == sorted(str(tmp_path / "runs" / n / "run.json") for n in BAD)
