@@ -125,8 +125,7 @@ def gallery_prior_params(method: str, prior: str) -> dict:
 def gallery_sweep(budget: Budget) -> tuple:
     """The gallery as a sweep: (core.sweep.SweepSpec, its trials), one trial per `gallery_specs` entry, named as
     the committed run folders. Shared options are the spec's options; each trial sets what differs by dataset."""
-    from core.sweep import SweepSpec, expand, train_parser
-    from core.sweep.spec import apply_option
+    from core.sweep.spec import plan_trials
 
     options = {"lr": 3e-3, "n-train": budget.n_train, "n-val": budget.n_val, "snapshot-every": budget.snapshot_every,
                "eval-n": budget.eval_n}
@@ -141,12 +140,7 @@ def gallery_sweep(budget: Budget) -> tuple:
             "val-every": max(1, budget.snapshot_every // (2 if is_math else 1)),  # QA validation is costly
             "max-length": 320 if is_math else 256,
         })
-    sweep = SweepSpec(options=options, trials=trials)
-    parser = train_parser()
-    base = parser.parse_args([])
-    for key, value in options.items():
-        apply_option(parser, base, key, value)
-    return sweep, expand(parser, base, {}, trials)
+    return plan_trials(options, trials=trials)
 
 
 class Precompute:
@@ -258,7 +252,7 @@ class Precompute:
         from core.sweep import run_sweep
 
         spec, trials = gallery_sweep(self.budget)
-        result = run_sweep(self.store.runs_root, trials, spec=spec, backend="local", lm=self.lm)
+        result = run_sweep(self.store.runs_root, trials, spec=spec, backend="local", lm=self.lm, name="gallery")
         failed = [t for t in result.record["trials"] if t["status"] != "done"]
         if failed:
             raise RuntimeError("gallery runs not done: " + "; ".join(

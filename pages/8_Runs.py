@@ -6,6 +6,7 @@ import streamlit as st
 
 import ui_state
 from core.analysis import runs_compare as rc
+from core.analysis import sweeps as sw
 from core.artifacts import ArtifactStore
 
 NO_RUNS = ("No runs of this model yet. Train one on the *Train* page, or from a shell: "
@@ -28,6 +29,11 @@ def run_table(fingerprint: str, paths: tuple[tuple[str, str, float], ...], targe
     return rc.runs_table(ui_state.current_model(), entries, "auto" if target is None else target, stored=stored)
 
 
+def cache_key(entries: list) -> tuple[tuple[str, str, float], ...]:
+    """(origin, path, run.json mtime) per run: what `run_table` is keyed by."""
+    return tuple((e.origin, str(e.path), (e.path / "run.json").stat().st_mtime) for e in entries)
+
+
 st.title("Runs")
 st.caption("Does the prior change the final quality, or only where the prompt ends up? Do priors far from the data "
            "take longer to reach the same loss? Does a prompt trained on one task help another?")
@@ -43,8 +49,7 @@ auto = st.toggle("Target loss: per method and dataset, the loss every run reache
                  help="Steps to loss counts the first validation step at or below the target.")
 target = None if auto else st.number_input("Target validation loss", min_value=0.0, value=1.0, step=0.05,
                                            key="runs_target")
-table = run_table(lm.fingerprint, tuple((labels[c].origin, str(labels[c].path), (labels[c].path / "run.json")
-                                         .stat().st_mtime) for c in chosen), target)
+table = run_table(lm.fingerprint, cache_key([labels[c] for c in chosen]), target)
 st.dataframe(table[SHOWN], width="stretch", hide_index=True)
 st.caption("Collapse and drift describe each run's soft prompt against the token embeddings (see *Divergence*). "
            "metric: the task metric on held-out examples with the prompt, beside the no-prompt baseline.")
@@ -55,6 +60,29 @@ st.altair_chart(alt.Chart(curves[curves["kind"] == kind]).mark_line(point=kind =
     x=alt.X("step", title="training step"), y=alt.Y("loss", title=f"{kind} loss", scale=alt.Scale(zero=False)),
     color=alt.Color("run", title="run"), tooltip=["run", "prior", "step", alt.Tooltip("loss", format=".4f")],
 ).properties(title=f"{kind.capitalize()} loss of each run", height=320).interactive(), width="stretch")
+
+st.subheader("Sweeps: each prior over seeds, mean and 95% CI")
+groups = sw.sweep_groups(mine)
+if not groups:
+    st.info("No sweep among these runs. `python -m core sweep --grid prior=gaussian,fitted --grid seed=0,1,2 "
+            "--out runs/priors` runs one (README: *Beyond one machine*); the *Train* page starts a small one.")
+else:
+    members = groups[st.selectbox("Sweep", list(groups), key="runs_sweep")]
+    summary = sw.sweep_summary(sw.with_status(run_table(lm.fingerprint, cache_key(members), target), members))
+    measure = st.selectbox("Measure", list(summary["measure"].unique()), key="runs_sweep_measure")
+    shown = summary[summary["measure"] == measure].assign(group=lambda d: d["method"] + " / " + d["dataset"])
+    base = alt.Chart(shown).encode(x=alt.X("prior:N", title="prior"), xOffset="group:N",
+                                   color=alt.Color("group:N", title="method / dataset"))
+    tips = ["prior", "group", "n", "failed", alt.Tooltip("mean:Q", format=".4f"), "ci"]
+    st.altair_chart((base.mark_errorbar(ticks=True).encode(
+        y=alt.Y("ci_low:Q", title=measure.replace("_", " "), scale=alt.Scale(zero=False)), y2="ci_high:Q",
+        tooltip=tips) + base.mark_point(filled=True, size=90).encode(y="mean:Q", tooltip=tips)).properties(
+        title=f"{measure.replace('_', ' ')} per prior: mean over seeds with its 95% t-interval", height=320),
+        width="stretch")
+    st.dataframe(shown[["method", "dataset", "prior", "n", "failed", "mean", "ci"]], hide_index=True, width="stretch")
+    st.caption("Only finished trials enter a mean (failed or diverged ones are counted apart). A prior with one "
+               "seed has no interval: its CI is undefined and no bar is drawn. `python -m core sweeps --summary "
+               "NAME` prints the same table.")
 
 st.subheader("The paper's claims on this model")
 value = st.selectbox("Quality measure", ["final_val_loss", "best_val_loss", "metric_value"], key="runs_value",

@@ -135,18 +135,20 @@ def test_cli_sweep_then_sweeps_summary(tmp_path, capsys):
 
 
 def test_committed_gallery_is_a_done_sweep_with_intervals():
-    from core.analysis.sweeps import sweep_summary, sweep_table
+    from core.analysis.sweeps import DIVERGENCE, sweep_summary, sweep_table
     from core.paths import ARTIFACTS_DIR
 
     gallery = ARTIFACTS_DIR / "runs"
     record = read_sweep(gallery)
-    assert record["counts"]["done"] == len(record["trials"]) == 17
-    summary = sweep_summary(sweep_table(gallery), measures=("final_val_loss", "collapse_score"))
+    assert record["counts"]["done"] == len(record["trials"]) == 17 and record["name"] == "gallery"
+    summary = sweep_summary(sweep_table(gallery))
     loss = summary[summary["measure"] == "final_val_loss"].set_index(["method", "dataset", "prior"])
     assert loss.loc[("soft", "math", "gaussian"), "n"] == 2
     assert loss.loc[("soft", "math", "gaussian"), "ci_low"] < loss.loc[("soft", "math", "gaussian"), "ci_high"]
     assert loss.loc[("soft", "squad", "vae"), "n"] == 1 and math.isnan(loss.loc[("soft", "squad", "vae"), "ci_low"])
-    assert summary[summary["measure"] == "collapse_score"]["mean"].notna().all()  # from the committed runs.csv
+    divergence = summary[summary["measure"].isin(DIVERGENCE)]
+    assert len(divergence) and divergence["mean"].notna().all()  # read from the committed runs.csv, no model
+    assert loss.loc[("soft", "squad", "vae"), "ci"] == "undefined (one seed)"
 
 
 # --------------------------------------------------------------------------- Ray: a local 2-CPU cluster
@@ -194,3 +196,15 @@ def test_ray_killed_worker_fails_only_its_trial(ray_cluster, tmp_path):
     status = {t["name"]: t for t in read_sweep(tmp_path / "killed")["trials"]}
     assert status[victim]["status"] == "failed" and "worker process died" in status[victim]["error"]
     assert status[trials[1].name]["status"] == "done" and result.counts["done"] == 1
+
+
+@pytest.mark.integration
+def test_runs_page_shows_the_gallery_sweep_with_intervals(real_lm):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file("../pages/8_Runs.py", default_timeout=600).run()
+    assert not at.exception, at.exception
+    assert "gallery [precomputed]" in at.selectbox(key="runs_sweep").options
+    shown = next(d.value for d in at.dataframe if "ci" in d.value.columns)
+    cis = dict(zip(shown["method"] + "/" + shown["dataset"] + "/" + shown["prior"], shown["ci"], strict=True))
+    assert cis["soft/squad/vae"] == "undefined (one seed)" and cis["soft/math/gaussian"].startswith("[")

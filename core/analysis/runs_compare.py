@@ -49,10 +49,18 @@ class RunEntry:
 
 
 def all_runs(roots: dict[str, Path] | None = None) -> list[RunEntry]:
-    """Runs under every root (default: the user's runs, then the precomputed gallery), newest first per root."""
+    """Runs under every root (default: the user's runs, then the precomputed gallery), newest first per root, each
+    root followed by the trials of the sweep folders in it (named "<sweep>/<trial>")."""
+    from core.sweep.record import list_sweeps
+
     out = []
     for origin, root in (roots or ORIGINS).items():
         out.extend(RunEntry(info, origin) for info in runs_mod.list_runs(root))
+        for sweep in list_sweeps([root]):
+            if sweep.path.resolve() != Path(root).resolve():
+                for info in runs_mod.list_runs(sweep.path):
+                    info.name = f"{sweep.name}/{info.name}"
+                    out.append(RunEntry(info, origin))
     return out
 
 

@@ -21,11 +21,14 @@ import pandas as pd
 
 from core.analysis import runs_compare as rc
 from core.runs import run_info
-from core.sweep.record import read_sweep
+from core.sweep.record import read_sweep, sweep_of_run
 
 GROUP = ("method", "dataset", "prior")
-MEASURES = ("final_val_loss", "metric_value", "steps_to_loss", "collapse_score", "collapse_score_cos",
-            "median_manifold_ratio", "median_mahalanobis", "mean_drift_l2")
+QUALITY = ("final_val_loss", "metric_value", "steps_to_loss")
+# divergence columns of the run table, whichever of them it holds (older stored tables name collapse differently)
+DIVERGENCE = ("collapsed_share", "collapse_score", "median_nearest_cos_centered", "collapse_score_cos",
+              "median_manifold_ratio", "median_mahalanobis", "mean_drift_l2")
+MEASURES = QUALITY + DIVERGENCE
 CONFIDENCE = 0.95
 
 
@@ -63,7 +66,7 @@ def sweep_table(path: str | Path, lm=None, target_loss: float | str | None = "au
     runs = rc.runs_table(lm if lm is not None else _NoModel(), entries, target_loss,
                          stored=stored if lm is not None else None) if entries else pd.DataFrame()
     if lm is None and stored is not None and not runs.empty and "run" in stored:
-        measured = [c for c in MEASURES[3:] + ("init_manifold_ratio", "init_mahalanobis") if c in stored]
+        measured = [c for c in DIVERGENCE + ("init_manifold_ratio", "init_mahalanobis") if c in stored]
         runs = runs.drop(columns=[c for c in measured if c in runs]).merge(
             stored[["run", *measured]], on="run", how="left")
     if lm is None and "same_model" in runs:
@@ -113,7 +116,7 @@ def sweep_summary(table: pd.DataFrame, measures: tuple[str, ...] = MEASURES,
     by = by or group_columns(table)
     cols = [*by, "measure", "n", "failed", "mean", "sd", "ci_low", "ci_high"]
     if table.empty:
-        return pd.DataFrame(columns=cols)
+        return pd.DataFrame(columns=[*cols, "ci"])
     status = table["status"] if "status" in table else pd.Series("done", index=table.index)
     rows = []
     for key, group in table.groupby(by, dropna=False):
@@ -128,15 +131,17 @@ def sweep_summary(table: pd.DataFrame, measures: tuple[str, ...] = MEASURES,
                 continue
             mean, sd, low, high = _interval(values)
             rows.append({**dict(zip(by, key, strict=True)), "measure": measure, "n": len(values), "failed": failed,
-                         "mean": mean, "sd": sd, "ci_low": low, "ci_high": high})
-    return pd.DataFrame(rows, columns=cols)
+                         "mean": mean, "sd": sd, "ci_low": low, "ci_high": high,
+                         "ci": "undefined (one seed)" if len(values) == 1 else
+                         ("-" if not len(values) else f"[{low:.4g}, {high:.4g}]")})
+    return pd.DataFrame(rows, columns=[*cols, "ci"])
 
 
 def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     """The long summary as a wide text table for a terminal: one row per group, "mean [lo, hi]" per measure."""
     if summary.empty:
         return pd.DataFrame({"note": ["no done trials yet"]})
-    by = [c for c in summary.columns if c not in ("measure", "n", "failed", "mean", "sd", "ci_low", "ci_high")]
+    by = [c for c in summary.columns if c not in ("measure", "n", "failed", "mean", "sd", "ci_low", "ci_high", "ci")]
 
     def cell(r: pd.Series) -> str:
         if math.isnan(r["mean"]):
@@ -149,3 +154,20 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     counts = summary.groupby(by, sort=False)[["n", "failed"]].max()
     out = counts.join(wide).reset_index()
     return out[[*by, "n", "failed", *[m for m in MEASURES if m in out]]].fillna("-")
+
+
+def sweep_groups(entries: list[rc.RunEntry]) -> dict[str, list[rc.RunEntry]]:
+    """Run entries by the sweep they belong to, {"<sweep> [<origin>]": entries}; runs outside a sweep are left out."""
+    out: dict[str, list[rc.RunEntry]] = {}
+    for entry in entries:
+        name = sweep_of_run(entry.path)
+        if name is not None:
+            out.setdefault(f"{name} [{entry.origin}]", []).append(entry)
+    return out
+
+
+def with_status(table: pd.DataFrame, entries: list[rc.RunEntry]) -> pd.DataFrame:
+    """The run table (`runs_table` over `entries`, same order) with each run's status, as `sweep_summary` wants:
+    only "done" runs enter the means; diverged or failed ones are counted apart."""
+    status = {e.info.name: ("done" if e.info.status == "done" else "failed") for e in entries}
+    return table.assign(status=[status.get(r, "failed") for r in table["run"]])

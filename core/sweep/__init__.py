@@ -13,11 +13,12 @@ Modules: `spec` (grid -> trials), `trial` (one trial through `core.tuning.train`
 
 from core.sweep.engine import SweepResult, run_sweep
 from core.sweep.record import SWEEP_JSON, SweepInfo, find_sweep, is_sweep, list_sweeps, read_sweep, sweep_of_run
-from core.sweep.spec import SweepSpec, Trial, expand, load_spec, parse_grid, train_parser
+from core.sweep.spec import SweepSpec, Trial, expand, load_spec, parse_grid, plan_trials, train_parser
 from core.sweep.trial import TINY_MODEL, TrialOutcome, load_trial_model, run_trial
 
 __all__ = [
     "SWEEP_JSON", "SweepInfo", "SweepResult", "SweepSpec", "TINY_MODEL", "Trial", "TrialOutcome", "expand",
-    "find_sweep", "is_sweep", "list_sweeps", "load_spec", "load_trial_model", "parse_grid", "read_sweep",
+    "find_sweep", "is_sweep", "list_sweeps", "load_spec", "load_trial_model", "parse_grid", "plan_trials",
+    "read_sweep",
     "run_sweep", "run_trial", "sweep_of_run", "train_parser",
 ]

@@ -125,9 +125,10 @@ def _matches(planned: dict, found: dict) -> bool:
 
 
 def plan(path: Path, trials: list[Trial], spec: SweepSpec | None, backend: dict,
-         retry_failed: bool) -> tuple[dict, list[Trial]]:
+         retry_failed: bool, name: str | None = None) -> tuple[dict, list[Trial]]:
     """Merge the trials into DIR/sweep.json's record; return (record, trials to run now)."""
     data = read_sweep(path) if (path / SWEEP_JSON).is_file() else {"name": path.name, "created": now(), "trials": []}
+    data["name"] = name or data.get("name") or path.name
     data["backend"] = backend.get("name", "?")
     data["backend_options"] = backend
     if spec is not None:
@@ -192,13 +193,14 @@ def _first_ctrl_c_stops(cancel: threading.Event) -> Iterator[None]:
 def run_sweep(out_dir: str | Path, trials: list[Trial], *, spec: SweepSpec | None = None, backend: str = "local",
               backend_options: dict | None = None, retry_failed: bool = False, lm=None,  # noqa: ANN001
               cancel: threading.Event | None = None, on_event: Callable[[str, str, dict], None] | None = None,
-              progress: bool = True) -> SweepResult:
+              progress: bool = True, name: str | None = None) -> SweepResult:
     """Run the trials not yet done into `out_dir` (one run folder each) and keep `out_dir/sweep.json` current.
 
     backend: "local" (in this process; `lm` is shared by the trials that name its model) or "ray"
     (backend_options: address, cpus_per_trial, gpus_per_trial, num_cpus). cancel: when set, no new trial
     starts and running ones stop after their step, resumable. on_event(kind, trial, info): "started",
-    "progress", "finished" (for a page). Raises LockHeld when another sweep writes to `out_dir`.
+    "progress", "finished" (for a page). name: the sweep's display name (default: the folder's).
+    Raises LockHeld when another sweep writes to `out_dir`.
     """
     path = Path(out_dir)
     start = time.perf_counter()
@@ -209,7 +211,7 @@ def run_sweep(out_dir: str | Path, trials: list[Trial], *, spec: SweepSpec | Non
     cancel = cancel or threading.Event()
     interrupted = False
     with FolderLock(path, purpose=f"sweep ({backend} backend)"):
-        data, todo = plan(path, trials, spec, engine.describe(), retry_failed)
+        data, todo = plan(path, trials, spec, engine.describe(), retry_failed, name)
         jobs = [TrialJob(t.name, t.config, t.model, path / t.name, resume=(path / t.name / runs.CHECKPOINT_FILE)
                          .is_file(), threads=t.threads) for t in todo]
         write_sweep(path, data)

@@ -74,8 +74,8 @@ class SweepInfo:
 def sweep_info(path: str | Path) -> SweepInfo:
     data = read_sweep(path)
     trials = data.get("trials", [])
-    return SweepInfo(Path(path), Path(path).name, len(trials), counts(trials), data.get("backend", "?"),
-                     data.get("updated", ""), data.get("grid", {}))
+    return SweepInfo(Path(path), data.get("name") or Path(path).name, len(trials), counts(trials),
+                     data.get("backend", "?"), data.get("updated", ""), data.get("grid", {}))
 
 
 def list_sweeps(roots: list[str | Path] | None = None) -> list[SweepInfo]:
@@ -104,7 +104,7 @@ def find_sweep(name: str, roots: list[str | Path] | None = None) -> Path:
     if is_sweep(name):
         return Path(name)
     sweeps = list_sweeps(roots)
-    matches = [s.path for s in sweeps if s.name == name]
+    matches = [s.path for s in sweeps if name in (s.name, s.path.name)]
     if not matches:
         known = ", ".join(s.name for s in sweeps) or "none"
         raise FileNotFoundError(f"no sweep named {name!r} (known: {known}); give its folder, e.g. "
@@ -119,7 +119,8 @@ def sweep_of_run(run_path: str | Path) -> str | None:
     if not is_sweep(parent):
         return None
     try:
-        names = {t.get("name") for t in read_sweep(parent).get("trials", [])}
+        record = read_sweep(parent)
     except (OSError, ValueError):
         return None
-    return parent.name if run_path.name in names else None
+    names = {t.get("name") for t in record.get("trials", [])}
+    return (record.get("name") or parent.name) if run_path.name in names else None

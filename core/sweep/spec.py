@@ -223,3 +223,16 @@ def expand(parser: argparse.ArgumentParser, base: argparse.Namespace, grid: dict
 
 def _jsonable(value: object) -> object:
     return json.loads(json.dumps(value, default=str))
+
+
+def plan_trials(options: dict, grid: dict | None = None,
+                trials: list[dict] | None = None) -> tuple[SweepSpec, list[Trial]]:
+    """A sweep from data, as a page or the gallery builds it: `core train` options {name: value} (model and
+    precision included), a grid {KEY: [values]} and explicit trials. Returns (spec, expanded trials)."""
+    grid = {k: [str(v) for v in vals] for k, vals in (grid or {}).items()}
+    parser = train_parser()
+    base = parser.parse_args([])
+    for key, value in options.items():
+        apply_option(parser, base, key, value)
+    spec = SweepSpec(options=dict(options), grid=grid, trials=list(trials or []))
+    return spec, expand(parser, base, grid, spec.trials)
