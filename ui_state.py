@@ -92,11 +92,16 @@ def sidebar() -> None:
 
 
 def show_unreadable_runs() -> None:
-    """One row per run folder (yours or the gallery's) whose run.json cannot be read: its file and the problem."""
+    """One row per run folder (yours, the gallery's, or a sweep's trial) whose run.json cannot be read: its file
+    and the problem."""
+    from pathlib import Path
+
     from core.analysis.runs_compare import ORIGINS
     from core.runs import scan_runs
+    from core.sweep.record import list_sweeps
 
-    problems = [p for root in ORIGINS.values() for p in scan_runs(root).problems]
+    roots = [*ORIGINS.values(), *(s.path for s in list_sweeps(list(ORIGINS.values())))]
+    problems = [p for root in dict.fromkeys(Path(r).resolve() for r in roots) for p in scan_runs(root).problems]
     if problems:
         st.warning(f"{len(problems)} run folder(s) cannot be read and are left out; fix or delete their run.json:")
         st.dataframe([{"file": str(p.file), "problem": p.problem} for p in problems], hide_index=True)
