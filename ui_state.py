@@ -119,3 +119,36 @@ def model_runs_or_stop(lm: LoadedModel, use: str, no_runs: str) -> list:
         st.info(no_runs)
         st.stop()
     return mine
+
+
+@st.fragment(run_every=1.5)
+def sweep_panel(key: str) -> None:
+    """Polls the background sweep whose job id is in `st.session_state[key]`: progress, cancel, finished trials."""
+    import pandas as pd
+
+    from core import jobs
+
+    job_id = st.session_state.get(key)
+    if job_id is None:
+        return
+    try:
+        job = jobs.get_job(job_id)
+    except KeyError as exc:
+        st.warning(str(exc))
+        return
+    snap = job.snapshot()
+    done, total = len(snap["finished"]), max(snap["trials"], 1)
+    now = f"{snap['current']}: step {snap['step']} of {snap['total']}, " if snap["current"] and not job.finished else ""
+    st.progress(min(done / total, 1.0), text=f"sweep {snap['state']}: {done} of {total} trials finished; {now}"
+                                             f"{snap['wall']:.0f} s")
+    if not job.finished and st.button("Cancel the sweep (finished trials are kept; the CLI resumes the rest)",
+                                      key=f"{key}_cancel"):
+        job.cancel()
+    if snap["finished"]:
+        st.dataframe(pd.DataFrame(snap["finished"]), hide_index=True, width="stretch")
+    if snap["error"]:
+        st.error(f"Sweep failed: {snap['error']}")
+    elif job.finished:
+        st.success(f"Sweep {snap['state']} in `{snap['out_dir']}` ({snap['counts']}); the *Runs* page shows each "
+                   f"prior's mean with its 95% CI. Resume or extend it with `python -m core sweep --out "
+                   f"{snap['out_dir']}`.")

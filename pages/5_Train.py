@@ -11,9 +11,11 @@ from core import jobs
 from core.data import dataset_label
 from core.priors import PRIOR_NAMES
 from core.runs import history_long, metrics_table, reserve_run_dir, scan_runs
+from core.sweep import plan_trials
 from core.tuning import TrainConfig
 
 JOB_KEY = "train_job"  # the running job's id; the job itself lives in core.jobs, outside the rerun path
+SWEEP_KEY = "sweep_job"  # the same for a background sweep
 
 st.title("Train")
 st.caption("Brief prompt-tuning on the frozen model: the loss on answer tokens only, validation every few steps, "
@@ -111,6 +113,20 @@ def job_panel() -> None:
 
 
 job_panel()
+
+st.subheader("Sweep: priors x seeds")
+st.caption("The settings above for several priors and seeds, one run after another in the background on this "
+           "model, recorded as one experiment: the *Runs* page then shows each prior's mean with its 95% CI.")
+sweep_priors = st.multiselect("Priors", PRIOR_NAMES, default=["gaussian", "fitted"], key="sweep_priors")
+n_seeds = st.number_input("Seeds per prior", 1, 10, 2, key="sweep_seeds")
+if st.button("Start sweep", key="sweep_start", disabled=not sweep_priors):
+    options = {"model": lm.name, "precision": lm.precision, "method": method, "dataset": dataset, "lr": float(lr),
+               "steps": int(steps), "batch-size": int(batch), "eval-n": int(eval_n),
+               **({"layers": layers} if method == "deep" else {})}
+    spec, trials = plan_trials(options, {"prior": sweep_priors, "seed": list(range(int(n_seeds)))})
+    out = reserve_run_dir(f"sweep-{method}-{dataset}")
+    st.session_state[SWEEP_KEY] = jobs.start_sweep_job(lm, out, trials, spec)
+ui_state.sweep_panel(SWEEP_KEY)
 
 st.subheader("Runs")
 scan = scan_runs()  # every readable run, and a row naming the file and the problem for each unreadable one

@@ -62,3 +62,10 @@ def test_page_trains_in_background_and_shows_results(tmp_path):
     assert not at.exception
     assert any("Validation loss" in s.value for s in at.success)
     assert len(at.dataframe) >= 1  # the run list now holds the run
+
+
+def test_page_offers_a_sweep_of_priors_and_seeds():
+    at = AppTest.from_file(PAGE, default_timeout=120).run()
+    assert not at.exception
+    assert any(b.label == "Start sweep" for b in at.button)
+    assert at.multiselect(key="sweep_priors").value == ["gaussian", "fitted"]

@@ -208,3 +208,23 @@ def test_runs_page_shows_the_gallery_sweep_with_intervals(real_lm):
     shown = next(d.value for d in at.dataframe if "ci" in d.value.columns)
     cis = dict(zip(shown["method"] + "/" + shown["dataset"] + "/" + shown["prior"], shown["ci"], strict=True))
     assert cis["soft/squad/vae"] == "undefined (one seed)" and cis["soft/math/gaussian"].startswith("[")
+
+
+def test_background_sweep_job_runs_and_cancels(tiny_lm, tmp_path):
+    import time
+
+    from core import jobs
+    from core.sweep import plan_trials
+
+    options = {"model": TINY_MODEL, "steps": 2, "batch-size": 2, "n-train": 4, "n-val": 2, "eval-n": 0,
+               "compute": "fp32"}
+    spec, trials = plan_trials(options, {"prior": ["gaussian"], "seed": [0, 1]})
+    job = jobs.get_job(jobs.start_sweep_job(tiny_lm, tmp_path / "bg", trials, spec))
+    job.thread.join(timeout=120)
+    snap = job.snapshot()
+    assert snap["state"] == "done" and snap["counts"]["done"] == 2 and len(snap["finished"]) == 2
+    assert read_sweep(tmp_path / "bg")["spec"]["grid"] == {"prior": ["gaussian"], "seed": ["0", "1"]}
+    stopped = jobs.get_job(jobs.start_sweep_job(tiny_lm, tmp_path / "stop", trials, spec))
+    stopped.cancel()
+    stopped.thread.join(timeout=120)
+    assert stopped.snapshot()["state"] == "cancelled" and time.time() - stopped.started < 120
