@@ -121,20 +121,30 @@ def model_runs_or_stop(lm: LoadedModel, use: str, no_runs: str) -> list:
     return mine
 
 
+def session_job(key: str, none_yet: str = ""):  # noqa: ANN201 - core.jobs.Job or SweepJob, or None
+    """The background job whose id is in `st.session_state[key]`, or None: then `none_yet` (if any) is shown as
+    info, or a warning says the job is gone (the server restarted)."""
+    from core import jobs
+
+    job_id = st.session_state.get(key)
+    if job_id is None:
+        if none_yet:
+            st.info(none_yet)
+        return None
+    try:
+        return jobs.get_job(job_id)
+    except KeyError as exc:
+        st.warning(str(exc))
+        return None
+
+
 @st.fragment(run_every=1.5)
 def sweep_panel(key: str) -> None:
     """Polls the background sweep whose job id is in `st.session_state[key]`: progress, cancel, finished trials."""
     import pandas as pd
 
-    from core import jobs
-
-    job_id = st.session_state.get(key)
-    if job_id is None:
-        return
-    try:
-        job = jobs.get_job(job_id)
-    except KeyError as exc:
-        st.warning(str(exc))
+    job = session_job(key)
+    if job is None:
         return
     snap = job.snapshot()
     done, total = len(snap["finished"]), max(snap["trials"], 1)

@@ -10,7 +10,8 @@ import ui_state
 from core import jobs
 from core.data import dataset_label
 from core.priors import PRIOR_NAMES
-from core.runs import history_long, metrics_table, reserve_run_dir, scan_runs
+from core.run_folders import reserve_run_dir
+from core.runs import history_long, metrics_table, scan_runs
 from core.sweep import plan_trials
 from core.tuning import TrainConfig
 
@@ -68,16 +69,11 @@ if st.button("Start training", type="primary", key="train_start"):
 @st.fragment(run_every=1.5)
 def job_panel() -> None:
     """Polls the background job: progress, live loss, cancel, then the results against the baselines."""
-    job_id = st.session_state.get(JOB_KEY)
-    if job_id is None:
-        st.info("Choose the settings and press *Start training*. Training runs in the background: "
-                "other pages stay usable.")
+    job = ui_state.session_job(JOB_KEY, "Choose the settings and press *Start training*. Training runs in the "
+                                        "background: other pages stay usable.")
+    if job is None:
         return
-    try:
-        job = jobs.get_job(job_id)
-    except KeyError as exc:
-        st.warning(str(exc))
-        return
+    job_id = job.id
     snap = job.snapshot()
     if job.finished and st.session_state.get("train_job_listed") != job_id:
         st.session_state["train_job_listed"] = job_id
