@@ -228,3 +228,23 @@ def test_background_sweep_job_runs_and_cancels(tiny_lm, tmp_path):
     stopped.cancel()
     stopped.thread.join(timeout=120)
     assert stopped.snapshot()["state"] == "cancelled" and time.time() - stopped.started < 120
+
+
+def test_spec_file_fills_options_the_command_line_leaves_at_default(tmp_path):
+    import argparse
+
+    from core.cli_sweep import _base_options, add_arguments
+    from core.sweep import load_spec
+
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({"options": {"steps": 7, "lr": 0.01, "prior-param": {"sigma": 0.1}},
+                                     "grid": {"seed": [0, 1]}}))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--spec", str(spec_file), "--lr", "0.02", "--out", str(tmp_path / "x")])
+    spec = load_spec(args.spec)
+    ns, changed = _base_options(args, spec.options)
+    assert (ns.steps, ns.lr, dict(ns.prior_param)) == (7, 0.02, {"sigma": 0.1})  # --lr on the command line wins
+    assert changed == {"steps": 7, "lr": 0.02, "prior-param": {"sigma": 0.1}} and spec.grid == {"seed": ["0", "1"]}
+    with pytest.raises(ValueError, match="no such file"):
+        load_spec(tmp_path / "missing.json")
