@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from core.runs import delete_run, scan_runs
+    from core.run_folders import delete_run
+    from core.runs import scan_runs
 
     if args.delete:
         deleted = delete_run(args.delete)

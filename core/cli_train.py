@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from core.models import load_model
-    from core.runs import check_run_dir, reserve_run_dir
+    from core.run_folders import check_run_dir, reserve_run_dir
     from core.tuning import train
 
     if args.threads:

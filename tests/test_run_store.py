@@ -19,7 +19,8 @@ import torch
 from core.__main__ import main as cli
 from core.locks import LOCK_FILE, FolderLock, LockHeld, lock_holder
 from core.models import ModelLoadError, load_model
-from core.runs import RUN_FILES, RunFolderError, delete_run, list_runs, load_run, reserve_run_dir, run_info, scan_runs
+from core.run_folders import RunFolderError, delete_run, reserve_run_dir
+from core.runs import RUN_FILES, list_runs, load_run, run_info, scan_runs
 from core.tuning import TrainConfig, train
 from core.tuning import trainer as trainer_mod
 from core.tuning.trainer import TrainResult, divergence, lr_factor

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from core import jobs
-from core.runs import delete_run, list_runs, load_run
+from core.run_folders import delete_run
+from core.runs import list_runs, load_run
 from core.tuning import TrainConfig, train
 
 EX = [SimpleNamespace(prompt=f"Question: What is {k} plus 1?\nAnswer:", target=f" {k + 1}", answers=[str(k + 1)],

@@ -8,7 +8,7 @@ accumulation and clipping, loss on answer tokens only, validation loss every
 `val_every` steps, snapshots every `snapshot_every` steps, a checkpoint with the
 optimizer/scheduler/RNG state so `resume=True` continues exactly where it stopped.
 
-The run folder is claimed with `core.runs.claim_run_dir` (a lock held while training;
+The run folder is claimed with `core.run_folders.claim_run_dir` (a lock held while training;
 an existing run only with resume or force). A loss that becomes non-finite or exceeds
 DIVERGE_FACTOR x the initial validation loss stops the run as "diverged".
 """
@@ -452,7 +452,7 @@ def train(lm, config: TrainConfig, out_dir: str | Path, *, init: torch.Tensor | 
     examples: optional (train, validation, eval) example lists; by default read with core.data.load_examples.
     resume: continue from `out_dir/checkpoint.pt` (same config). The result equals an uninterrupted run.
         Only `steps` may grow (extending a run; the decay is re-planned over the new total, see `_restore`).
-        Raises core.runs.RunFolderError when there is no checkpoint to resume from.
+        Raises core.run_folders.RunFolderError when there is no checkpoint to resume from.
     force: replace the run in `out_dir` (its own files only; a folder holding others is refused).
         Without resume or force an existing run is refused, and so is any non-empty folder that is not a run.
     cancel: when set, the run stops after the current step and saves a usable partial run (status "cancelled").
@@ -460,7 +460,9 @@ def train(lm, config: TrainConfig, out_dir: str | Path, *, init: torch.Tensor | 
     Returns a TrainResult; a diverging loss (see `divergence`) stops the run (status "diverged") and records
     run.json["diverged"] = {"step", "reason", "rule"}.
     """
-    with runs.claim_run_dir(out_dir, resume=resume, force=force) as mode:
+    from core.run_folders import claim_run_dir
+
+    with claim_run_dir(out_dir, resume=resume, force=force) as mode:
         return _train(lm, config, Path(out_dir), init=init, examples=examples, resume=mode == "resume",
                       on_progress=on_progress, cancel=cancel, evaluate=evaluate)
 
