@@ -172,7 +172,10 @@ def collapse_finding(runs: pd.DataFrame | None) -> dict:
             "otherwise": "inconclusive",
             "collapsed": "nearest-token cosine >= the vocabulary's median nearest-neighbour cosine and norm within x2"}
     page, chart = "Divergence", "collapsed share against step, with step 0 and the fresh-prior band"
-    if runs is None or runs.empty or "collapsed_share" not in runs:
+    if runs is None or runs.empty:
+        return _finding("collapse", claim, page, chart, test=test, effect=None, ci=None, n=0, verdict=INCONCLUSIVE,
+                        measured="no runs", why="no run table", rule=rule)
+    if "collapsed_share" not in runs:
         return _finding("collapse", claim, page, chart, test=test, effect=None, ci=None, n=0, verdict=INCONCLUSIVE,
                         measured="no collapsed share in the run table",
                         why="the runs table predates the collapse measure; rebuild it with `"

@@ -98,7 +98,8 @@ metrics[0].metric("Median nearest-token cosine", f"{summary['median_nearest_cos'
 maha = next(k for k in summary if k.startswith("median_mahalanobis"))
 metrics[1].metric("Median Mahalanobis", f"{summary[maha]:.1f}",
                   help=f"Under the Gaussian fit of {summary[maha.removeprefix('median_') + '_fit']}; "
-                       f"a typical point of the fit sits near sqrt(d) = {lm.hidden_size ** 0.5:.0f}.")
+                       f"a typical point of the fit sits near sqrt(d) = {lm.hidden_size ** 0.5:.0f} (the typical "
+                       "shell); a smaller distance is not 'more on the data', it is atypical too.")
 metrics[2].metric("Median norm / vocabulary norm", f"{summary['median_norm_ratio']:.2f}")
 rate = stats.get("acceptance_rate")
 metrics[3].metric("Acceptance rate", "n/a" if rate is None else f"{rate:.2%}",
