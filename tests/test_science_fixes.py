@@ -188,3 +188,13 @@ def test_caches_keyed_by_dataset_carry_the_math_task(tiny_lm):
     key, _ = _dataset_key("acts", tiny_lm, "math", (0,), 4, 0, "auto", 32, 8, "fp32")
     assert "task=math:add_sub_multiple@easy" in key
     assert "math:add_sub_multiple@easy" in fit_key(tiny_lm, "math", 0, 64, 0, "full", None)
+
+
+def test_a_run_records_its_math_task(tiny_lm, tmp_path):
+    from core.runs import read_run_json
+    from core.tuning import TrainConfig, train
+
+    config = TrainConfig(method="soft", dataset="math", steps=1, batch_size=2, n_train=4, n_val=2, eval_n=0,
+                         compute="fp32", max_length=64, n_tokens=4)
+    train(tiny_lm, config, tmp_path / "run", evaluate=False)
+    assert read_run_json(tmp_path / "run")["config"]["task"] == "math:add_sub_multiple@easy"

@@ -170,6 +170,16 @@ def warmup_linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _data_task(config: TrainConfig) -> str:
+    """What load_examples serves for the run's dataset and source (core.data.dataset_task)."""
+    from core.data import dataset_task
+
+    try:
+        return dataset_task(config.dataset, config.source)
+    except ValueError:  # a local file that is gone: the dataset name is all that is known
+        return config.dataset
+
+
 def _check_one_file_source(config: TrainConfig) -> None:
     """A local SQuAD file serves one split whole, so training and validating from it would share questions."""
     src = str(config.source)
@@ -363,7 +373,8 @@ class _Trainer:
                 "device": str(lm.device), "hidden_size": lm.hidden_size, "num_layers": lm.num_layers,
                 "compute_resolved": self.compute.dtype, "compute_reason": self.compute.reason,
                 "cached_from_layer": self.residuals.start if self.residuals is not None else None,
-                "n_train_examples": len(self.train_items), "n_val_examples": len(self.val_items)}
+                "n_train_examples": len(self.train_items), "n_val_examples": len(self.val_items),
+                "task": _data_task(self.config)}  # e.g. "math:add_sub_multiple@easy": which MATH task it learned
 
     def save(self, status: str, message: str = "", metrics: dict | None = None) -> None:
         out = self.out_dir
