@@ -113,7 +113,9 @@ def test_transfer_matrix_scores_every_prompt_on_every_task(gallery, tiny_lm):
     row = transfer.iloc[0]
     assert row["gain"] == pytest.approx(row["no_prompt_loss"] - row["loss"])
     # The scorer is the training loss: a run's own final validation loss is reproduced on its validation set.
-    run = load_run(paths[0])
+    # (A MATH run: the fixture hands QA examples to the trainer unfitted, where the scorer fits them as the
+    # trainer does when it loads them itself.)
+    run = next(r for r in map(load_run, paths) if r.config["dataset"] == "math")
     from core.data import load_examples
 
     val = load_examples(run.config["dataset"], split="validation", n=4, seed=0)
