@@ -150,6 +150,7 @@ class Precompute:
                  log: Callable[[str], None] = print) -> None:
         self.lm, self.store, self.budget, self.command, self.log = lm, store, budget, command, log
         self.timings: dict[str, float] = dict(store.manifest().get("timings", {}))
+        self.task_compute: dict[str, str] = dict(store.manifest().get("compute_by_task", {}))
 
     # ---- bookkeeping ---------------------------------------------------------------------
     def _check_manifest(self) -> None:
@@ -177,7 +178,11 @@ class Precompute:
             "assets": {a.key: f"{a.package}=={a.version}" for a in ASSETS.values()}
             | {"math-generator": f"{GENERATOR_PROVENANCE['package']}=={GENERATOR_PROVENANCE['version']}"},
             "budget": self._budget_record(),
-            "compute": decide(self.lm).to_dict(),  # what compute "auto" resolved to on the machine that built them
+            # what compute "auto" resolved to for the latest build, and for each task where it last ran: tasks
+            # rebuilt later on another machine may differ from the gallery's
+            "compute": decide(self.lm).to_dict(),
+            "compute_by_task": {t: self.task_compute.get(t, previous.get("compute", {}).get("reason", "unknown"))
+                                for t in done},
             "seeds": sorted({s["seed"] for s in gallery_specs(self.budget)}),
             # the command that built the artifacts, and every later one that touched them
             "command": previous.get("command", self.command),
@@ -310,6 +315,7 @@ class Precompute:
             start = time.perf_counter()
             self.log(f"== {name}")
             getattr(self, f"task_{name}")()
+            self.task_compute[name] = decide(self.lm).reason
             self.timings[name] = round(time.perf_counter() - start, 1) + (
                 self.timings.get(name, 0.0) if name == "gallery" and name in done else 0.0)
             if name not in done:
