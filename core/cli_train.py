@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"], help="base model weights")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     parser.add_argument("--dataset", default=d.dataset, choices=["math", "squad"])
-    parser.add_argument("--source", default=d.source, help="data source: auto (embedded), hub, or a local file")
+    parser.add_argument("--source", default=d.source, help="data source: auto (embedded), hub, a local SQuAD file "
+                        "(used whole for each split asked), or split:FILE (one file divided by passage)")
     parser.add_argument("--method", default=d.method, choices=["soft", "deep"])
     parser.add_argument("--prior", default=d.prior, help="a core.priors name: gaussian, xavier, fitted, ...")
     parser.add_argument("--prior-param", action="append", type=_kv, default=[], metavar="KEY=VALUE",
