@@ -23,15 +23,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.activations import collect_activations, keep_side, tokenize
-from core.compute import decide
-from core.data import example_texts
-from core.models import load_model
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from core.activations import collect_activations, keep_side, tokenize  # noqa: E402
+from core.compute import decide  # noqa: E402
+from core.data import example_texts  # noqa: E402
+from core.models import load_model  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
