@@ -54,6 +54,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
 
         runtime_env = {"working_dir": str(REPO_ROOT),
                        "excludes": [".venv/", ".cache/", "runs/", "artifacts/", ".git/", "tests/", "bench/"]}
+        if os.environ.get("PRIOR_LAB_CACHE"):  # a cache folder every worker sees (e.g. on a shared disk)
+            runtime_env["env_vars"] = {"PRIOR_LAB_CACHE": os.environ["PRIOR_LAB_CACHE"]}
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     return False
 
