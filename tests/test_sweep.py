@@ -185,7 +185,7 @@ def test_ray_and_local_backends_give_equal_histories(ray_cluster, tmp_path):
 
 
 def test_ray_killed_worker_fails_only_its_trial(ray_cluster, tmp_path):
-    trials = _trials({"seed": ["0", "1"]}, "--steps", "3")
+    trials = _trials({"steps": ["500", "3"]})  # the victim trains long enough to be killed while it runs
     victim = trials[0].name
 
     def on_event(kind, name, info):

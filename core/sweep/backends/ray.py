@@ -45,7 +45,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         from ray._private import ray_constants  # noqa: PLC2701 - the switch above, if ray was imported before
 
         ray_constants.ENABLE_RAY_CLUSTER = False
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         return True
     runtime_env = None
