@@ -36,7 +36,7 @@ from core.sweep.trial import TrialOutcome
 class SweepResult:
     path: Path
     counts: dict
-    ran: list[str]  # trials this call trained (or tried to)
+    ran: list[str]  # trials this call started (trained, or tried to)
     interrupted: bool
     seconds: float
     record: dict
@@ -51,6 +51,7 @@ class _Recorder:
         self.by_name = {t["name"]: t for t in data["trials"]}
         self.totals = {j.name: int(j.config.get("steps", 0)) for j in jobs}
         self.steps = {j.name: 0 for j in jobs}
+        self.ran: list[str] = []  # trials started, in order
         self.bars = None
         if show:
             from tqdm import tqdm
@@ -63,6 +64,7 @@ class _Recorder:
 
     def started(self, name: str, pid: int | None = None) -> None:
         trial = self.by_name[name]
+        self.ran.append(name)
         trial.update(status="running", started=now(), pid=pid, attempts=trial.get("attempts", 0) + 1)
         self._save()
         if self.bars:
@@ -230,5 +232,5 @@ def run_sweep(out_dir: str | Path, trials: list[Trial], *, spec: SweepSpec | Non
                     trial.update(status="pending", pid=None, note="interrupted; the next run resumes it from its "
                                                                   "last checkpoint")
             write_sweep(path, data)
-    return SweepResult(path, counts(data["trials"]), [j.name for j in jobs], interrupted,
+    return SweepResult(path, counts(data["trials"]), recorder.ran, interrupted,
                        round(time.perf_counter() - start, 2), data)
