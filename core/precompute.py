@@ -122,13 +122,16 @@ def gallery_prior_params(method: str, prior: str) -> dict:
     return {}
 
 
-def gallery_sweep(budget: Budget) -> tuple:
+def gallery_sweep(budget: Budget, model: str = DEFAULT_MODEL) -> tuple:
     """The gallery as a sweep: (core.sweep.SweepSpec, its trials), one trial per `gallery_specs` entry, named as
-    the committed run folders. Shared options are the spec's options; each trial sets what differs by dataset."""
+    the committed run folders. Shared options are the spec's options; each trial sets what differs by dataset.
+    `model`: the loaded model's name, so the local backend trains the model precompute was given."""
     from core.sweep.spec import plan_trials
 
     options = {"lr": 3e-3, "n-train": budget.n_train, "n-val": budget.n_val, "snapshot-every": budget.snapshot_every,
                "eval-n": budget.eval_n}
+    if model != DEFAULT_MODEL:  # the embedded model is the options' default: its recorded spec stays as committed
+        options["model"] = model
     trials = []
     for spec in gallery_specs(budget):
         is_math = spec["dataset"] == "math"
@@ -256,7 +259,7 @@ class Precompute:
         `python -m core sweep --spec artifacts/runs/sweep.json --out DIR` reproduces it anywhere."""
         from core.sweep import run_sweep
 
-        spec, trials = gallery_sweep(self.budget)
+        spec, trials = gallery_sweep(self.budget, self.lm.name)
         result = run_sweep(self.store.runs_root, trials, spec=spec, backend="local", lm=self.lm, name="gallery")
         failed = [t for t in result.record["trials"] if t["status"] != "done"]
         if failed:
