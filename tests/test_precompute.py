@@ -25,9 +25,10 @@ def _format(store: ArtifactStore) -> dict:
              if p.name != "projections.json"}  # keyed by the cloud's content hash
     arrays = {p.name: sorted(load_file(str(p))) for p in sorted((root / "arrays").glob("*.safetensors"))}
     runs = {p.name: (sorted(f.name for f in p.iterdir()), sorted(json.loads((p / "run.json").read_text())))
-            for p in sorted(store.runs_root.iterdir())}
+            for p in sorted(store.runs_root.iterdir()) if p.is_dir()}
     run_format = next(iter(runs.values())) if runs else None
     return {"tables": tables, "jsons": jsons, "arrays": arrays, "run_format": run_format,
+            "sweep": sorted(json.loads((store.runs_root / "sweep.json").read_text())),  # the gallery is a sweep
             "manifest": sorted(store.manifest())}
 
 
@@ -42,7 +43,7 @@ def test_quick_build_has_every_artifact_and_run(quick_store, tiny_lm):
     manifest = quick_store.manifest()
     assert manifest["model_fingerprint"] == tiny_lm.fingerprint
     assert manifest["tasks_done"] == list(Precompute.TASKS)
-    names = sorted(p.name for p in quick_store.runs_root.iterdir())
+    names = sorted(p.name for p in quick_store.runs_root.iterdir() if p.is_dir())
     assert names == sorted(s["name"] for s in gallery_specs(QUICK))
     findings = quick_store.load_json("findings")["findings"]
     assert {f["key"] for f in findings} >= {"trajectory", "separation", "collapse", "quality", "speed", "vae"}

@@ -240,7 +240,7 @@ def test_evaluation_metrics_keys(tiny_lm):
 @pytest.mark.integration
 def test_short_real_run_lowers_validation_loss(real_lm, tmp_path):
     config = TrainConfig(method="soft", dataset="math", prior="gaussian", lr=3e-2, steps=8, batch_size=8,
-                         n_train=64, n_val=16, val_every=8, eval_n=0, compute="bf16")
+                         n_train=64, n_val=16, val_every=8, eval_n=0)  # compute "auto", as a user gets
     result = train(real_lm, config, tmp_path / "real")
     first, last = result.history[0]["val_loss"], result.history[-1]["val_loss"]
     assert result.status == "done" and last < first, (first, last)
