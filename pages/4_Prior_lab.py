@@ -90,6 +90,8 @@ except (ValueError, SamplingError) as exc:
 bar.empty()
 
 st.markdown(f"**{prior.describe()}**")
+if hasattr(prior, "widening_note"):  # the exclusion prior: how much c actually widens the fit at this width
+    st.caption(prior.widening_note())
 datasets = [v for k, v in options.items() if k.startswith("source") and v != "tokens"]
 if datasets:
     st.caption("Data: " + "; ".join(dataset_label(d) for d in dict.fromkeys(datasets)))

@@ -54,6 +54,7 @@ def test_every_prior_renders(name):
     if name == "exclusion":
         rate = next(m for m in at.metric if m.label == "Acceptance rate").value
         assert rate.endswith("%")
+        assert any("Widening factor c_dim = " in c.value for c in at.caption)
 
 
 def test_tsne_view_renders():

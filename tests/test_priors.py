@@ -69,6 +69,10 @@ def test_unknown_name_and_option_say_what_is_allowed():
         ("gaussian", {"sigma": 0.0}, "sigma must be a positive"),
         ("exclusion", {"c": 1.0}, "c must be a finite number greater than 1"),
         ("exclusion", {"c": 0.5}, "greater than 1"),
+        ("exclusion", {"widening": 1.0}, r"widening \(c_dim\) must be a number greater than 1 and at most 100"),
+        ("exclusion", {"widening": 0.5}, r"widening \(c_dim\) must be .* got 0.5"),
+        ("exclusion", {"widening": 150.0}, "no longer the fit widened"),
+        ("exclusion", {"widening": float("nan")}, "widening"),
         ("interpolation", {"alpha": 1.5}, r"alpha must be in \[0, 1\]"),
         ("interpolation", {"alpha": -0.1}, r"alpha must be in \[0, 1\]"),
         ("fitted", {"source": "squad", "layer": 5}, r"layer 5 is past the depth .* allowed 0..4"),
@@ -122,7 +126,7 @@ def test_too_few_points_to_fit():
 
 def test_exclusion_budget_error():
     prior = make_prior("exclusion", reference=correlated_cloud(200, 16), c=1.01, max_candidates=1000)
-    with pytest.raises(SamplingError, match="max_candidates=1,000. Raise c or max_candidates"):
+    with pytest.raises(SamplingError, match=r"max_candidates=1,000. Raise c \(or widening\) or max_candidates"):
         prior.sample(500)
 
 
@@ -261,6 +265,26 @@ def test_exclusion_log_prob_is_normalised():
     log_wide = -0.5 * (m2 / excl.c_dim + 16 * math.log(excl.c_dim) + excl.fit.log_det + 16 * math.log(2 * math.pi))
     ratio = (excl.log_prob(wide) - log_wide).exp()
     assert float(ratio.mean()) == pytest.approx(1.0, abs=0.04)
+
+
+def test_exclusion_widening_sets_c_dim_directly_and_samples_widen():
+    # At d=576 the paper's c=5 is c_dim 1.0056 (nearly the fit); widening=1.21 needs c = 1.21^288 ~ 7e23,
+    # and widening=4 needs c = 4^288, past a float: both go through log c.
+    cloud = torch.from_numpy(np.random.default_rng(3).normal(size=(1500, 576)).astype(np.float32))
+    paper = make_prior("exclusion", reference=cloud, c=5.0)
+    wide = make_prior("exclusion", reference=cloud, widening=1.21)
+    huge = make_prior("exclusion", reference=cloud, widening=4.0)
+    assert paper.c_dim == pytest.approx(1.0056, abs=1e-4) and wide.c_dim == pytest.approx(1.21)
+    assert huge.c_dim == pytest.approx(4.0) and math.isfinite(huge.expected_acceptance)
+    assert "nearly the fitted prior" in paper.widening_note() and "widening=1.21" in paper.widening_note()
+    assert "c_dim = 1.2100 given directly (c = 6.95e+23)" in wide.widening_note()
+    assert "nearly the fitted prior" not in wide.describe() and "c_dim=1.2100" in wide.describe()
+    # squared Mahalanobis distance under the fit over d: about c_dim for the widened prior (its rejected core is
+    # small), and for c=5 just past 1 (only the outer half of the fit's shell, |eps|^2 > q0 = 575, is kept)
+    m2_paper = float(paper.fit.whiten(paper.sample(400, gen())).pow(2).sum(1).mean()) / 576
+    m2_wide = float(wide.fit.whiten(wide.sample(400, gen())).pow(2).sum(1).mean()) / 576
+    assert 1.0 < m2_paper < 1.12 and m2_wide == pytest.approx(1.21, abs=0.05)
+    assert float(wide.log_prob(wide.sample(5, gen())).isfinite().all())
 
 
 def test_interpolation_lies_between_the_two_means():
