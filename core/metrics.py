@@ -111,6 +111,31 @@ def math_accuracy(preds: Sequence[str], targets: Sequence[str]) -> float:
     return sum(math_equal(p, t) for p, t in zip(preds, targets, strict=True)) / len(preds)
 
 
+_NUMBER_IN_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d+)?|\.\d+)(?:/\d+)?")
+
+
+def parse_number(text: str) -> float | None:
+    """The first number written in `text` ("-4", "3.5", "3/4", "The answer is 7." -> 7.0), or None when there is none.
+
+    For the mean absolute error of arithmetic answers: a generation that is not
+    exactly the answer may still be close to it ("-5" for "-4"), and how close is
+    what the error measures. Gold answers are parsed strictly (`parse_exact_number`).
+    """
+    match = _NUMBER_IN_TEXT.search(text)
+    if match is None:
+        return None
+    try:
+        return float(Fraction(match.group()))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def parse_exact_number(text: str) -> float | None:
+    """`text` as a number only when all of it is one ("-4", "0.5", "3/4"); None for "2*sqrt(3)" or words."""
+    value = _as_number(text.strip().replace(" ", ""))
+    return None if value is None else float(value)
+
+
 def extract_answer(continuation: str) -> str:
     """The answer inside a generated continuation: its first non-empty line, stripped.
 
