@@ -39,11 +39,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prior", default=d.prior, help="a core.priors name: gaussian, xavier, fitted, ...")
     parser.add_argument("--prior-param", action="append", type=_kv, default=[], metavar="KEY=VALUE",
                         help="prior parameter, repeatable (values parsed as JSON when they can be)")
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--lr", type=float, default=d.lr,
+                        help="Adam rate of the soft prompt (deep tensors: scaled per tensor, see --no-deep-lr-scale)")
+    parser.add_argument("--max-steps", "--steps", dest="steps", type=int, default=d.steps,
+                        help="the step budget; the plateau stop usually ends a run before it (--steps: same)")
+    parser.add_argument("--schedule", default=d.schedule, choices=["constant", "linear"],
+                        help="constant: the rate after a short warm-up; linear: warm-up then decay over the budget")
+    parser.add_argument("--plateau-patience", type=int, default=d.plateau_patience,
+                        help="stop after this many evaluations without a relative gain above --plateau-margin "
+                             "(the run then counts as converged); 0: train the whole budget")
+    parser.add_argument("--plateau-margin", type=float, default=d.plateau_margin,
+                        help="relative validation-loss gain that counts as an improvement (0.01: 1%%)")
+    parser.add_argument("--no-deep-lr-scale", dest="scale_deep_lr", action="store_false",
+                        help="deep: train every tensor at --lr (default: each deep tensor at lr x its layer's "
+                             "activation RMS over the token embeddings' RMS, so it moves as much, relatively)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    parser.add_argument("--warmup-steps", type=int, default=-1, help="-1: 10%% of steps")  # not d.: resolved for 100
+    parser.add_argument("--warmup-steps", type=int, default=-1,  # not d.: resolved for the default budget
+                        help="-1: 10%% of the budget for --schedule linear, at most 10 for constant")
     parser.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
     parser.add_argument("--layers", type=int, nargs="*", default=[], help="deep: decoder layers (default last 3)")
     parser.add_argument("--n-tokens", type=int, default=d.n_tokens)
@@ -133,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     m = result.metrics
-    print(f"\nrun: {result.path}  status: {result.status}  wall: {time.perf_counter() - wall:.1f} s "
+    print(f"\nrun: {result.path}  status: {result.status}  converged: {result.converged} "
+          f"(stop: {result.stop_reason} at step {m.get('steps_done')} of {config.steps})  "
+          f"wall: {time.perf_counter() - wall:.1f} s "
           f"(training {m.get('train_seconds')} s, {m.get('train_tokens_per_s')} tokens/s)")
     if result.status == "cancelled":
         print(f"cancelled at step {result.history[-1]['step']} of {config.steps}, checkpoint saved; resume with: "
@@ -149,6 +164,11 @@ def run(args: argparse.Namespace) -> int:
         if scores:
             shown = ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if k in ("accuracy", "exact_match", "f1"))
             print(f"  {kind:12s} n={scores['n']}: {shown}")
+    for name, d in (m.get("drift") or {}).items():
+        if d.get("l2") is not None:
+            gap = d.get("relative_to_token_nn_gap")
+            print(f"  drift {name}: L2 {d['l2']:.3g} = {d['relative_to_init_norm']:.3g} x its initial norm"
+                  + (f", {gap:.3g} x the token nearest-neighbour gap" if gap is not None else ""))
     if result.status == "cancelled":
         return 128 + (caught[0] if caught else signal.SIGINT)  # the shell's code for a run stopped by a signal
     return 0 if result.status == "done" else 1

@@ -18,6 +18,10 @@ Statuses (run.json "status", as `run_info` reports it):
     cancelled    stopped on request (Ctrl-C, SIGTERM, the page's Cancel); resumable
     diverged     a loss became non-finite or grew past DIVERGE_FACTOR x the initial validation loss;
                  run.json["diverged"] = {"step", "reason", ...}
+
+A finished run also says why it stopped: run.json "converged" (true only when the plateau rule stopped it;
+older runs without the field read as false, `run_converged`), "stop_reason" ("plateau", "budget",
+"cancelled", "diverged") and "stop_rule" (the rule as text); metrics["drift"] gives each tensor's drift.
     interrupted  run.json says running/evaluating but no live process holds the lock (it died); resumable
     unreadable   (listing only) run.json cannot be read or has the wrong shape: see `scan_runs`
 """
@@ -59,13 +63,14 @@ class RunInfo:
     created: str
     metric: dict = field(default_factory=dict)
     note: str = ""  # why the status is what it is (the divergence, the dead lock holder), or ""
+    converged: bool = False  # the plateau rule stopped it (`run_converged`); False for a budget hit or older runs
 
     def row(self) -> dict:
         """A flat dict for a table."""
         return {"name": self.name, "method": self.method, "dataset": self.dataset, "prior": self.prior,
                 "lr": self.lr, "steps": f"{self.steps_done}/{self.steps}", "status": self.status,
-                "final val loss": self.final_val_loss, **self.metric, "created": self.created, "note": self.note,
-                "path": str(self.path)}
+                "converged": self.converged, "final val loss": self.final_val_loss, **self.metric,
+                "created": self.created, "note": self.note, "path": str(self.path)}
 
 
 @dataclass
@@ -252,6 +257,22 @@ def live_status(path: str | Path, data: dict) -> tuple[str, str]:
     return status, note
 
 
+def run_converged(data: dict) -> bool:
+    """Whether a run.json says the plateau rule stopped the run; runs written before the field existed trained
+    a fixed number of steps, so they read as not converged."""
+    return data.get("converged") is True
+
+
+def drift_rows(metrics: dict) -> list[dict]:
+    """The run's drift (run.json metrics["drift"], written by `core.tuning.train`) as one row per prompt tensor:
+    {"tensor", "l2", "max_l2", "init_norm", "relative_to_init_norm", "relative_to_token_nn_gap"}; [] when the run
+    recorded none (runs from before drift was measured)."""
+    drift = metrics.get("drift") if isinstance(metrics, dict) else None
+    if not isinstance(drift, dict):
+        return []
+    return [{"tensor": name, **values} for name, values in drift.items() if isinstance(values, dict)]
+
+
 def run_info(path: Path) -> RunInfo:
     """The list line of one run (raises FileNotFoundError or ValueError naming the file and the problem)."""
     data = read_run_json(path)
@@ -264,7 +285,7 @@ def run_info(path: Path) -> RunInfo:
         lr=config.get("lr", float("nan")), steps=config.get("steps", 0),
         steps_done=data.get("steps_done", history[-1]["step"] if history else 0), status=status,
         final_val_loss=vals[-1] if vals else None, created=data.get("created", ""),
-        metric=_headline_metric(data.get("metrics", {})), note=note,
+        metric=_headline_metric(data.get("metrics", {})), note=note, converged=run_converged(data),
     )
 
 

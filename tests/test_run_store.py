@@ -316,7 +316,8 @@ from core.__main__ import main
 sys.exit(main(sys.argv[1:]))
 '''
 TRAIN = ["train", "--compute", "fp32", "--batch-size", "4", "--n-train", "24", "--n-val", "4", "--eval-n", "0",
-         "--n-tokens", "2", "--val-every", "1", "--snapshot-every", "1", "--threads", "1"]
+         "--n-tokens", "2", "--val-every", "1", "--snapshot-every", "1", "--threads", "1",
+         "--plateau-patience", "0"]  # these runs test stopping and resuming, so they train every step asked
 
 
 @pytest.fixture

@@ -3,10 +3,15 @@
     >>> result = train(lm, TrainConfig(method="soft", dataset="math", prior="fitted", steps=40), "runs/demo")
     >>> result.status, result.history[-1]["val_loss"]
 
-AdamW on the prompt parameters only, linear schedule with warm-up, gradient
-accumulation and clipping, loss on answer tokens only, validation loss every
-`val_every` steps, snapshots every `snapshot_every` steps, a checkpoint with the
-optimizer/scheduler/RNG state so `resume=True` continues exactly where it stopped.
+AdamW on the prompt parameters only (deep vectors at a per-tensor rate, see
+`core.tuning.convergence.deep_lr_scales`), a constant (or linearly decaying) rate after a short warm-up,
+gradient accumulation and clipping, loss on answer tokens only, validation loss every `val_every` steps,
+snapshots every `snapshot_every` steps, a checkpoint with the optimizer/scheduler/RNG state so
+`resume=True` continues exactly where it stopped.
+
+`steps` is a budget: the plateau stop (`plateau_patience`, `plateau_margin`) ends a run whose validation
+loss stopped improving, and run.json records `converged` (true only when that rule stopped it), `stop_reason`
+("plateau", "budget", "cancelled", "diverged") and `stop_rule` (the rule as text).
 
 The run folder is claimed with `core.run_folders.claim_run_dir` (a lock held while training;
 an existing run only with resume or force). A loss that becomes non-finite or exceeds
@@ -29,6 +34,18 @@ from core.compute import COMPUTE_CHOICES, decide
 from core.tuning.base import METHODS, PromptModule, build_prompt
 from core.tuning.batches import Batch, Encoded, collate, encode_examples, epoch_batches, fixed_batches
 from core.tuning.compute import compute_model
+from core.tuning.convergence import (
+    SCHEDULES,
+    deep_lr_scales,
+    default_warmup,
+    history_val_losses,
+    lr_factor,
+    param_groups,
+    plateau_reached,
+    plateau_rule,
+    prompt_drift,
+    token_nn_gap,
+)
 from core.tuning.loss import answer_loss
 
 TRAINABLE_DATASETS = ("math", "squad")
@@ -45,11 +62,17 @@ class TrainConfig:
     prior_params: dict = field(default_factory=dict)
     n_tokens: int = 20  # the paper's 20 vectors (per layer for deep prompts)
     layers: list[int] = field(default_factory=list)  # deep only; empty = the last 3 layers
-    lr: float = 3e-3
-    steps: int = 100
+    # Prompt-tuning moves a few vectors a long way: Lester et al. train at 0.3 (Adafactor); 3e-3 left soft prompts
+    # a fifth of a token gap from their start after 60 steps (issue 11).
+    lr: float = 0.1
+    steps: int = 400  # the budget (CLI --max-steps); the plateau stop usually ends the run before it
+    schedule: str = "constant"  # "constant" (after a short warm-up) or "linear" (warm-up, then decay to ~0)
+    plateau_patience: int = 5  # stop after this many evaluations without a relative gain > plateau_margin; 0: off
+    plateau_margin: float = 0.01
+    scale_deep_lr: bool = True  # deep tensors at lr x (their layer's activation RMS / the token embeddings' RMS)
     batch_size: int = 8
     grad_accum: int = 1  # micro-batches per optimizer step
-    warmup_steps: int = -1  # -1: 10% of steps
+    warmup_steps: int = -1  # -1: 10% of steps for "linear", at most 10 for "constant"
     weight_decay: float = 0.0  # decay would pull the prompt toward 0 and confound where it drifts
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -86,8 +109,14 @@ class TrainConfig:
             raise ValueError("compile needs compute 'bf16' (it compiles the bf16 copy of the weights)")
         if not self.soft and self.method != "deep":
             raise ValueError("soft=False (--no-soft) only applies to --method deep: a soft prompt is its soft vectors")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        if int(self.plateau_patience) < 0:
+            raise ValueError(f"plateau_patience must be 0 (no plateau stop) or more; got {self.plateau_patience!r}")
+        if not 0 <= self.plateau_margin < 1:
+            raise ValueError(f"plateau_margin must be a relative gain in [0, 1); got {self.plateau_margin!r}")
         if self.warmup_steps < 0:
-            self.warmup_steps = max(1, self.steps // 10)
+            self.warmup_steps = default_warmup(self.schedule, self.steps)
         if self.max_new_tokens <= 0:
             self.max_new_tokens = 12 if self.dataset == "math" else 40
 
@@ -124,6 +153,12 @@ class TrainResult:
     history: list[dict]
     metrics: dict
     prompt: dict[str, torch.Tensor]
+    converged: bool = False  # the plateau rule stopped it (not the budget, a cancel or a divergence)
+    stop_reason: str = ""  # "plateau", "budget", "cancelled" or "diverged"
+
+
+# What a run saved before these fields existed trained with: its resume compares against these.
+LEGACY_CONFIG = {"schedule": "linear", "plateau_patience": 0, "plateau_margin": 0.01, "scale_deep_lr": False}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -149,23 +184,12 @@ def divergence(loss: float, initial_val_loss: float | None, kind: str) -> str | 
     return None
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Multiplier of the base learning rate for optimizer update `step` (0-based) of `total`.
-
-    Linear warm-up over `warmup` updates starting above 0 ((step + 1) / warmup: a 1-step run trains at the
-    full rate), then linear decay that ends above 0 at the last update (1 / (total - warmup)), so no update
-    of the run is wasted at learning rate 0.
-    """
-    up = (step + 1) / warmup if step < warmup else 1.0
-    down = (total - step) / max(1, total - warmup) if step >= warmup else 1.0
-    return max(0.0, min(up, down))
-
-
-def warmup_linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int
+def warmup_linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int, schedule: str = "linear"
                            ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The run's schedule (see `lr_factor`); a closure, so a checkpoint stores its position, not its plan."""
+    """The run's schedule (see `core.tuning.convergence.lr_factor`, same factor for every param group); a
+    closure, so a checkpoint stores its position, not its plan."""
     def factor(step: int) -> float:
-        return lr_factor(step, warmup, total)
+        return lr_factor(step, warmup, total, schedule)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -293,8 +317,14 @@ class _Trainer:
             from core.tuning.cached import ResidualCache
 
             self.residuals = ResidualCache(lm, self.model, self.autocast, self.prompt.first_layer)
-        self.optimizer = torch.optim.AdamW(self.prompt.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.scheduler = warmup_linear_schedule(self.optimizer, config.warmup_steps, config.steps)
+        checkpoint = self.out_dir / runs.CHECKPOINT_FILE
+        state = torch.load(checkpoint, weights_only=False) if resume and checkpoint.exists() else None
+        # {tensor: lr multiplier}: measured once, then carried by the checkpoint (a resume never re-measures)
+        self.lr_scales: dict[str, float] = (dict(state.get("lr_scales") or {}) if state is not None
+                                            else self._measure_lr_scales(train_ex))
+        self.optimizer = torch.optim.AdamW(param_groups(self.prompt.named_tensors(), config.lr, self.lr_scales),
+                                           lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = warmup_linear_schedule(self.optimizer, config.warmup_steps, config.steps, config.schedule)
         self.extended: list[dict] = []  # each resume that raised `steps`: {"at_step", "steps_before", "steps_after"}
         self.diverged: dict | None = None  # {"step", "reason", "rule"} once a loss diverged
         self.history: list[dict] = []
@@ -304,8 +334,9 @@ class _Trainer:
         self.elapsed = 0.0
         self.tokens = 0
         self.prior_info: dict = {}
-        if resume and (self.out_dir / runs.CHECKPOINT_FILE).exists():
-            self._restore()
+        self.stop_reason: str | None = None  # set when the run stops: "plateau", "budget", "cancelled", "diverged"
+        if state is not None:
+            self._restore(state)
         else:
             tensors, self.prior_info = initial_tensors(lm, config, self.prompt, init)
             self.prompt.load_tensors(tensors)
@@ -314,6 +345,22 @@ class _Trainer:
             self.save(status="running")
 
     # -- pieces -------------------------------------------------------------------------------------------
+    def _measure_lr_scales(self, train_ex: list) -> dict[str, float]:
+        """{"deep.{l}": activation RMS at block l's input / token RMS} for a deep prompt with scale_deep_lr, else {}."""
+        cfg = self.config
+        if cfg.method != "deep" or not cfg.scale_deep_lr:
+            return {}
+        from core.tuning.convergence import RATE_EXAMPLES
+
+        texts = [ex.prompt + ex.target for ex in train_ex[:RATE_EXAMPLES]]
+        scales = deep_lr_scales(self.lm, texts, list(cfg.layers), max_length=cfg.max_length)
+        return {f"deep.{layer}": scale for layer, scale in scales.items()}
+
+    def plateaued(self) -> bool:
+        """Whether the plateau rule stops the run at its history so far (a pure function of the history)."""
+        cfg = self.config
+        return plateau_reached(history_val_losses(self.history), cfg.plateau_margin, cfg.plateau_patience)
+
     def batches_for_step(self, step: int) -> list[Batch]:
         """The micro-batches of optimizer step `step` (1-based): a pure function of seed and step."""
         cfg = self.config
@@ -374,7 +421,11 @@ class _Trainer:
                 "compute_resolved": self.compute.dtype, "compute_reason": self.compute.reason,
                 "cached_from_layer": self.residuals.start if self.residuals is not None else None,
                 "n_train_examples": len(self.train_items), "n_val_examples": len(self.val_items),
-                "task": _data_task(self.config)}  # e.g. "math:add_sub_multiple@easy": which MATH task it learned
+                "task": _data_task(self.config),
+                # every tensor's Adam rate (deep tensors scaled by their layer's activation RMS, see lr_scales)
+                "lr_per_tensor": {name: self.config.lr * self.lr_scales.get(name, 1.0)
+                                  for name in self.prompt.named_tensors()},
+                "lr_scales": dict(self.lr_scales)}  # e.g. "math:add_sub_multiple@easy": which MATH task it learned
 
     def save(self, status: str, message: str = "", metrics: dict | None = None) -> None:
         out = self.out_dir
@@ -385,7 +436,7 @@ class _Trainer:
                  "rng": torch.get_rng_state(), "prompt": self.prompt.tensors(), "history": self.history,
                  "snapshot_steps": self.snapshot_steps, "snapshots": self.snapshots, "elapsed": self.elapsed,
                  "tokens": self.tokens, "prior_info": self.prior_info, "train_config": self.config.to_dict(),
-                 "extended": self.extended}
+                 "extended": self.extended, "lr_scales": self.lr_scales}
         runs._atomic_write(out / runs.CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
         previous = runs.read_run_json(out) if runs.is_run(out) else {}
         runs.write_json(out / runs.RUN_JSON, {
@@ -395,17 +446,20 @@ class _Trainer:
             "created": previous.get("created", time.strftime("%Y-%m-%dT%H:%M:%S")),
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_seconds": round(self.elapsed, 2),
             "train_tokens": self.tokens, "files": list(runs.RUN_FILES),  # the manifest: what `runs --delete` removes
+            "converged": self.stop_reason == "plateau", "stop_reason": self.stop_reason,
+            "stop_rule": plateau_rule(self.config.plateau_margin, self.config.plateau_patience,
+                                      self.config.val_every, self.config.steps),
             **({"diverged": self.diverged} if self.diverged else {}),
             **({"extended": self.extended} if self.extended else {}),
         })
 
-    def _restore(self) -> None:
-        state = torch.load(self.out_dir / runs.CHECKPOINT_FILE, weights_only=False)
-        saved = {**state["train_config"],
+    def _restore(self, state: dict) -> None:
+        saved = {**LEGACY_CONFIG, **state["train_config"],
                  "model_fingerprint": runs.read_run_json(self.out_dir)["config"].get("model_fingerprint")}
         mine = {**self.config.to_dict(), "model_fingerprint": self.lm.fingerprint}
         extend = self._extension(saved, mine, state["step"])
-        keys = [k for k in mine if k not in ("eval_n", "steps", "warmup_steps")]  # eval_n leaves the prompt alone
+        ignored = ("eval_n", "steps", "warmup_steps") + (("scale_deep_lr",) if mine["method"] != "deep" else ())
+        keys = [k for k in mine if k not in ignored]  # eval_n leaves the prompt alone; a soft prompt has no deep rate
         diff = {k: (saved.get(k), mine.get(k)) for k in keys if saved.get(k) != mine.get(k)}
         if diff:
             raise ValueError(f"cannot resume {self.out_dir}: its config differs in {diff} (saved, asked); "
@@ -422,8 +476,8 @@ class _Trainer:
             # The linear decay is re-planned over the new total: the next update uses the rate the new plan gives
             # at this step (not the old plan's rate, which reached ~0 at its end). The first `steps_before`
             # updates followed the old plan, so an extended run differs from one planned long from the start.
-            lrs = [base * lr_factor(self.scheduler.last_epoch, self.config.warmup_steps, self.config.steps)
-                   for base in self.scheduler.base_lrs]
+            lrs = [base * lr_factor(self.scheduler.last_epoch, self.config.warmup_steps, self.config.steps,
+                                    self.config.schedule) for base in self.scheduler.base_lrs]
             for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
                 group["lr"] = lr
             self.scheduler._last_lr = lrs
@@ -443,12 +497,13 @@ class _Trainer:
                              f"{saved['steps']} steps ({done} done); a run can be extended (more steps), not "
                              "shortened: resume with --steps >= " f"{saved['steps']} or start a new run")
         if mine["warmup_steps"] != saved["warmup_steps"]:
-            if mine["warmup_steps"] != max(1, mine["steps"] // 10):  # not the default: the user asked for it
+            if mine["warmup_steps"] != default_warmup(mine["schedule"], mine["steps"]):  # the user asked for it
                 raise ValueError(f"cannot resume {self.out_dir}: extending keeps its warm-up of "
                                  f"{saved['warmup_steps']} steps; leave out --warmup-steps (asked "
                                  f"{mine['warmup_steps']})")
             self.config.warmup_steps = saved["warmup_steps"]
-        self.scheduler = warmup_linear_schedule(self.optimizer, self.config.warmup_steps, self.config.steps)
+        self.scheduler = warmup_linear_schedule(self.optimizer, self.config.warmup_steps, self.config.steps,
+                                                self.config.schedule)
         return True
 
 
@@ -493,7 +548,8 @@ def _train(lm, config: TrainConfig, out_dir: Path, *, init: torch.Tensor | dict 
 
     report(None, trainer.history[0]["val_loss"] if trainer.history else None)
     status = "running"
-    while trainer.step < cfg.steps:
+    plateau = trainer.plateaued()  # a resumed run that had already converged trains no further
+    while not plateau and trainer.step < cfg.steps:
         if cancel is not None and cancel.is_set():
             status, message = "cancelled", (f"cancelled at step {trainer.step} of {cfg.steps}; resume (same "
                                             "settings) to continue")
@@ -525,10 +581,16 @@ def _train(lm, config: TrainConfig, out_dir: Path, *, init: torch.Tensor | dict 
             report(train_loss, val)
             break
         if val is not None:
+            plateau = trainer.plateaued()
             trainer.save(status="running")
         report(train_loss, val)
     if status == "running":
         status = "done"
+        rule = plateau_rule(cfg.plateau_margin, cfg.plateau_patience, cfg.val_every, cfg.steps)
+        message = (f"converged at step {trainer.step}: the plateau rule stopped it ({rule})" if plateau else
+                   f"not converged: used the whole budget of {cfg.steps} steps"
+                   + (" before the plateau stop" if cfg.plateau_patience > 0 else " (no plateau stop)"))
+    trainer.stop_reason = "plateau" if plateau else {"done": "budget"}.get(status, status)
     if trainer.snapshot_steps[-1] != trainer.step:
         trainer._snapshot()
     metrics = _loss_metrics(trainer)
@@ -542,7 +604,8 @@ def _train(lm, config: TrainConfig, out_dir: Path, *, init: torch.Tensor | dict 
             max_new_tokens=cfg.max_new_tokens, source=cfg.source, max_length=cfg.max_length)
     trainer.save(status=status, message=message, metrics=metrics)
     report(None, None, phase="done")
-    return TrainResult(trainer.out_dir, status, message, trainer.history, metrics, trainer.prompt.tensors())
+    return TrainResult(trainer.out_dir, status, message, trainer.history, metrics, trainer.prompt.tensors(),
+                       converged=trainer.stop_reason == "plateau", stop_reason=trainer.stop_reason)
 
 
 _DIVERGE_RULE = f"a non-finite loss, or a loss above {DIVERGE_FACTOR:g} x the initial validation loss"
@@ -555,7 +618,23 @@ def _loss_metrics(trainer: _Trainer) -> dict:
            "train_tokens_per_s": round(trainer.tokens / trainer.elapsed, 1) if trainer.elapsed else None}
     if vals and vals[0]:
         out["val_loss_reduction"] = 1 - vals[-1] / vals[0]
+    out["best_val_loss"] = min(vals) if vals else None
+    out["steps_done"] = trainer.step
+    init = {name: snaps[0] for name, snaps in trainer.snapshots.items() if snaps}
+    out["drift"] = prompt_drift(trainer.prompt.tensors(), init, _token_nn_gap(trainer.lm))
+    out["token_nn_gap"] = _token_nn_gap(trainer.lm)
     return out
+
+
+def _token_nn_gap(lm) -> float | None:  # noqa: ANN001 - core.models.LoadedModel
+    """The token nearest-neighbour gap of `lm`, remembered on the model (reading the vocabulary costs ~0.5 s)."""
+    extra = getattr(lm, "extra", None)
+    if isinstance(extra, dict) and "token_nn_gap" in extra:
+        return extra["token_nn_gap"]
+    gap = token_nn_gap(lm)
+    if isinstance(extra, dict):
+        extra["token_nn_gap"] = gap
+    return gap
 
 
 def encode_for(lm, examples: list, max_length: int = 320) -> list[Encoded]:
