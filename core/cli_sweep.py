@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     for trial in result.record["trials"]:
         val = trial.get("final_val_loss")
         line = f"  {trial['name']:40s} {trial['status']:8s} " + (f"val {val:.4f}" if val is not None else "")
+        if trial["status"] == "done":
+            line += f"  converged {bool(trial.get('converged'))}"
         if trial.get("error"):
             line += f"  {trial['error'].splitlines()[0][:160]}"
         print(line)

@@ -8,13 +8,15 @@ import ui_state
 from core.analysis import runs_compare as rc
 from core.analysis import sweeps as sw
 from core.artifacts import ArtifactStore
+from core.runs import drift_rows, read_run_json, run_converged
 
 NO_RUNS = ("No runs of this model yet. Train one on the *Train* page, or from a shell: "
            "`python -m core train --dataset math --method soft --prior gaussian --steps 40`; "
            "`python -m core precompute` builds the gallery of every prior with repeated seeds.")
-SHOWN = ["run", "origin", "method", "dataset", "prior", "lr", "seed", "steps_to_loss", "target_loss",
-         "final_val_loss", "metric", "metric_value", "metric_no_prompt", "init_collapsed_share", "collapsed_share",
-         "median_nearest_cos_centered", "median_manifold_ratio", "mean_drift_l2"]
+SHOWN = ["run", "origin", "method", "dataset", "prior", "lr", "seed", "converged", "steps_done", "steps",
+         "steps_to_loss", "target_loss", "final_val_loss", "metric", "metric_value", "metric_no_prompt",
+         "init_collapsed_share", "collapsed_share", "median_nearest_cos_centered", "median_manifold_ratio",
+         "mean_drift_l2", "drift_rel_init", "drift_rel_nn_gap"]
 
 
 @st.cache_data(show_spinner="Reading runs and measuring their divergence ...", max_entries=16)
@@ -52,7 +54,22 @@ target = None if auto else st.number_input("Target validation loss", min_value=0
 table = run_table(lm.fingerprint, cache_key([labels[c] for c in chosen]), target)
 st.dataframe(table[SHOWN], width="stretch", hide_index=True)
 st.caption("Collapse and drift describe each run's soft prompt against the token embeddings (see *Divergence*). "
-           "metric: the task metric on held-out examples with the prompt, beside the no-prompt baseline.")
+           "metric: the task metric on held-out examples with the prompt, beside the no-prompt baseline. "
+           "converged: the plateau rule stopped the run (validation loss no longer improving); otherwise it used "
+           "its whole budget of `steps` (or was cancelled, or diverged) and may still have been learning. "
+           "drift_rel_init / drift_rel_nn_gap: the soft prompt's mean L2 drift over its initial norm and over the "
+           "token nearest-neighbour gap (below 1: no vector moved as far as from one token to the next).")
+
+with st.expander("Drift of every prompt tensor of one run"):
+    one = labels[st.selectbox("Run", chosen, key="runs_drift_run")]
+    info = read_run_json(one.path)
+    drift = pd.DataFrame(drift_rows(info.get("metrics", {})))
+    st.caption(f"converged: {run_converged(info)} (stop: {info.get('stop_reason', 'not recorded')}). "
+               f"Rule: {info.get('stop_rule', 'not recorded: this run trained a fixed number of steps')}.")
+    if drift.empty:
+        st.info("This run recorded no drift (it was trained before drift was measured).")
+    else:
+        st.dataframe(drift, hide_index=True, width="stretch")
 
 curves = rc.loss_curves([labels[c] for c in chosen])
 kind = st.radio("Loss curves", ["validation", "train"], horizontal=True, key="runs_kind")

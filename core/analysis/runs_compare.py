@@ -152,14 +152,17 @@ def runs_table(
     progress: Callable[[float], None] | None = None,
     stored: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """One row per run: run, origin, method, dataset, prior, lr, seed, steps, initial and final val loss,
+    """One row per run: run, origin, method, dataset, prior, lr, seed, steps (the budget), steps_done, converged
+    (bool: the plateau rule stopped it, `core.runs.run_converged`), stop_reason, initial and final val loss,
     best val loss, steps_to_loss (to `target_loss`; NaN when never reached; "auto": per method and dataset,
     the largest best loss of that group's runs, a loss every one of them reaches; None: not computed),
     target_loss, the task metric and its no-prompt baseline, and divergence of tensor `tensor` ("soft" by
     default: every run has one): collapsed_share (`core.analysis.divergence.collapsed`), within_nn_radius_share
     (the old Euclidean test, not collapse), median_nearest_cos, median_nearest_cos_centered,
     median_manifold_ratio, median_mahalanobis, mean_drift_l2, mean_drift_cos, and the same measures of the
-    initial sample (init_collapsed_share, init_nearest_cos, init_manifold_ratio, init_mahalanobis).
+    initial sample (init_collapsed_share, init_nearest_cos, init_manifold_ratio, init_mahalanobis), and the
+    drift of `tensor` the run recorded (drift_rel_init: mean L2 drift over the initial norm; drift_rel_nn_gap:
+    over the token nearest-neighbour gap; NaN for runs from before drift was recorded).
     Divergence columns are NaN for runs trained on other weights
     (column `same_model`). `stored`: a table this function wrote before (the committed artifacts' runs.csv);
     divergence columns of precomputed runs found in it are reused instead of recomputed."""
@@ -177,6 +180,9 @@ def runs_table(
             "run": entry.info.name, "origin": entry.origin, "method": run.config.get("method"),
             "dataset": run.config.get("dataset"), "prior": run.config.get("prior"),
             "lr": run.config.get("lr"), "seed": run.config.get("seed"), "steps": run.config.get("steps"),
+            "steps_done": run.info.get("steps_done", vals[-1][0] if vals else 0),
+            "converged": runs_mod.run_converged(run.info), "stop_reason": run.info.get("stop_reason"),
+            **_drift_columns(run.metrics, tensor),
             "initial_val_loss": vals[0][1] if vals else math.nan,
             "final_val_loss": vals[-1][1] if vals else math.nan,
             "best_val_loss": min(v for _, v in vals) if vals else math.nan,
@@ -210,6 +216,13 @@ _DIV_COLUMNS = ("collapsed_share", "within_nn_radius_share", "median_nearest_cos
 _INIT_COLUMNS = {"init_collapsed_share": "collapsed_share", "init_nearest_cos": "median_nearest_cos",
                  "init_manifold_ratio": "median_manifold_ratio", "init_mahalanobis": "median_mahalanobis"}
 _ALL_DIV_COLUMNS = (*_DIV_COLUMNS, *_INIT_COLUMNS)
+
+
+def _drift_columns(metrics: dict, tensor: str) -> dict:
+    drift = {r["tensor"]: r for r in runs_mod.drift_rows(metrics)}.get(tensor, {})
+    values = {"drift_rel_init": drift.get("relative_to_init_norm"),
+              "drift_rel_nn_gap": drift.get("relative_to_token_nn_gap")}
+    return {k: math.nan if v is None else float(v) for k, v in values.items()}
 
 
 def _divergence_columns(lm, run: runs_mod.Run, tensor: str) -> dict:  # noqa: ANN001

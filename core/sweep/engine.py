@@ -88,7 +88,8 @@ class _Recorder:
         else:
             trial.pop("note", None)
         if outcome.status == "done":
-            trial.update(steps_done=outcome.steps_done, final_val_loss=outcome.final_val_loss)
+            trial.update(steps_done=outcome.steps_done, final_val_loss=outcome.final_val_loss,
+                         converged=outcome.converged)
         self._save()
         if self.bars:
             self.bars[0].update(1)
@@ -156,6 +157,7 @@ def plan(path: Path, trials: list[Trial], spec: SweepSpec | None, backend: dict,
                     vals = [h["val_loss"] for h in found.get("history", []) if h.get("val_loss") is not None]
                     entry.update(status="done", note="adopted: the folder already held this finished run",
                                  steps_done=found.get("steps_done"), final_val_loss=vals[-1] if vals else None,
+                                 converged=runs.run_converged(found),
                                  seconds=found.get("train_seconds", 0.0), finished=found.get("updated", ""))
         if trial.config is None:
             entry.update(status="failed", error=trial.error)

@@ -3,7 +3,7 @@
     {"name", "created", "updated", "backend", "spec": {...}, "grid": {KEY: [values]},
      "counts": {"pending": n, "running": n, "done": n, "failed": n},
      "trials": [{"name", "overrides", "model", "config", "status", "error", "started", "finished",
-                 "seconds", "steps_done", "final_val_loss", "attempts"}, ...]}
+                 "seconds", "steps_done", "final_val_loss", "converged", "attempts"}, ...]}
 
 A trial's run folder is `DIR/<trial name>/` (the same files `core train` writes). Statuses: pending (not run,
 or stopped and resumable from its checkpoint), running (being trained, or its process died: the next run

@@ -106,9 +106,21 @@ def load_spec(path: str | Path) -> SweepSpec:
     return SweepSpec.from_dict(data)
 
 
+def _by_field(parser: argparse.ArgumentParser, key: str) -> argparse.Action | None:
+    """The option that sets TrainConfig field `key` when no option has its name (scale_deep_lr: --no-deep-lr-scale)."""
+    dest = key.replace("-", "_")
+    if "--" + key.replace("_", "-") in parser._option_string_actions:  # noqa: SLF001 - named by its option
+        return None
+    found = [a for a in parser._actions if a.option_strings and a.dest == dest]  # noqa: SLF001
+    return found[0] if found else None
+
+
 def _action(parser: argparse.ArgumentParser, key: str) -> argparse.Action:
     option = "--" + key.replace("_", "-")
     actions = parser._option_string_actions  # noqa: SLF001 - the one public-enough map from option to action
+    field_action = _by_field(parser, key)
+    if field_action is not None and key not in NOT_GRIDDABLE:
+        return field_action
     if option not in actions or key in NOT_GRIDDABLE:
         names = sorted({a.dest.replace("_", "-") for a in parser._actions if a.option_strings}  # noqa: SLF001
                        - set(NOT_GRIDDABLE) - {"help"})
@@ -146,6 +158,9 @@ def apply_option(parser: argparse.ArgumentParser, ns: argparse.Namespace, key: s
         if text not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(f"--{key} is a switch: give true or false; got {value!r}")
         on = text in ("true", "1", "yes")
+        if _by_field(parser, key) is action:  # named by its field (scale_deep_lr=false): the value is the field's
+            setattr(ns, action.dest, on)
+            return
         setattr(ns, action.dest, action.const if on else action.default)
         return
     if isinstance(value, str) and action.type is not None:

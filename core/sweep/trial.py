@@ -27,6 +27,7 @@ class TrialOutcome:
     seconds: float = 0.0
     steps_done: int = 0
     final_val_loss: float | None = None
+    converged: bool = False  # the plateau rule stopped the trial's run (core.tuning.train)
 
 
 def load_trial_model(spec: dict):  # noqa: ANN201 - core.models.LoadedModel
@@ -75,7 +76,8 @@ def run_trial(lm, config: dict, out_dir: str | Path, *, resume: bool = False,  #
         torch.set_num_threads(before)  # the process (a page, a test session) keeps its own setting
     vals = [h["val_loss"] for h in result.history if h.get("val_loss") is not None]
     steps = result.history[-1]["step"] if result.history else 0
-    outcome = TrialOutcome("done", "", round(time.perf_counter() - start, 2), steps, vals[-1] if vals else None)
+    outcome = TrialOutcome("done", "", round(time.perf_counter() - start, 2), steps, vals[-1] if vals else None,
+                           converged=result.converged)
     if result.status == "done":
         return outcome
     if result.status in ("cancelled", "interrupted"):
