@@ -155,3 +155,28 @@ def test_exclusion_prior_says_it_is_nearly_the_fitted_prior():
     assert "nearly the fitted prior" in text and "A c that matters" in text
     assert c_dim(c_for_widening(1.21, 576), 576) == pytest.approx(1.21)
     assert c_dim(5.0, 576) == pytest.approx(1.0056, abs=1e-4)
+
+
+def _vae_table(spreads, layer=30, means=0.1):
+    rows = [{"seed": i, "spread_ratio": s, "spread_ratio_mean": means, "noise_share": 0.5, "active_units": 3,
+             "recon_rel_error": 0.5} for i, s in enumerate(spreads)]
+    return {"source": "squad", "layer": layer, "num_layers": 30, "describe": f"VAE prior on squad at layer {layer}",
+            "diagnostics": {"latent_dim": 16, "spread_ratio": spreads[0]}, "seeds": rows}
+
+
+def test_vae_finding_needs_last_layer_and_seeds_then_tests_the_spread_against_half():
+    old = fd.vae_finding({"describe": "VAE prior on squad activations at layer 0: ...",
+                          "diagnostics": {"active_units": 1, "latent_dim": 16, "spread_ratio": 0.1}})
+    assert old["verdict"] == "inconclusive" and "not on last-layer activations" in old["why"]
+    layer0 = fd.vae_finding(_vae_table([0.1] * 5, layer=0))
+    assert layer0["verdict"] == "inconclusive" and "on layer 0" in layer0["why"]
+    collapsed = fd.vae_finding(_vae_table([0.20, 0.22, 0.18, 0.21, 0.19]))
+    assert collapsed["verdict"] == "agrees" and collapsed["ci"][1] < 0.5 and collapsed["n"] == 5
+    assert collapsed["effect"] == pytest.approx(0.2) and "decoder's Gaussian noise" in collapsed["test"]
+    spread = fd.vae_finding(_vae_table([0.9, 1.0, 0.95, 1.05, 0.98]))
+    assert spread["verdict"] == "does not agree"
+    mixed = fd.vae_finding(_vae_table([0.2, 0.9, 0.3, 0.8, 0.5]))
+    assert mixed["verdict"] == "inconclusive" and "includes 0.5" in mixed["why"]
+    few = fd.vae_finding(_vae_table([0.2, 0.21]))
+    assert few["verdict"] == "inconclusive" and "2 seed(s)" in few["why"]
+    assert FIELDS <= set(collapsed)

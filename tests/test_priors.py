@@ -323,6 +323,33 @@ def test_vae_learns_a_low_rank_cloud_and_reports_diagnostics():
     assert float(x.var(0).sum() / cloud.var(0).sum()) == pytest.approx(diag["spread_ratio"], rel=0.25)
 
 
+def test_vae_samples_carry_the_decoders_noise():
+    # A structureless cloud: 2 latent dims cannot explain 32 independent ones, so the decoder learns a large
+    # output variance and the samples' spread comes from that noise, not from the decoded means.
+    cloud = torch.randn(3000, 32, generator=gen(6)) * 3.0 + 1.0
+    prior = make_prior("vae", reference=cloud, latent_dim=2, steps=300)
+    diag = prior.diagnostics
+    assert diag["noise_std"] > 0.5 and diag["noise_share"] > 0.5  # learned variance, not the initial 1 by chance
+    assert diag["spread_ratio_mean"] < 0.5 < diag["spread_ratio"]
+    total = float(cloud.var(0).sum())
+    noisy = prior.sample(2000, gen())
+    assert float(noisy.var(0).sum()) / total == pytest.approx(diag["spread_ratio"], rel=0.1)
+    means = make_prior("vae", reference=cloud, latent_dim=2, steps=300, decoder_noise=False).sample(2000, gen())
+    assert float(means.var(0).sum()) / total == pytest.approx(diag["spread_ratio_mean"], rel=0.15)
+    assert "decoded means alone" in prior.describe()
+
+
+def test_vae_spread_by_seed_fits_the_last_layer(tiny_lm):
+    from core.priors.vae import spread_by_seed
+
+    out = spread_by_seed(tiny_lm, seeds=(0, 1), n_docs=8, steps=60)
+    assert out["layer"] == out["num_layers"] == tiny_lm.num_layers == 4
+    assert "squad activations at layer 4" in out["describe"]
+    assert [r["seed"] for r in out["seeds"]] == [0, 1]
+    assert all(r["spread_ratio"] >= r["spread_ratio_mean"] > 0 for r in out["seeds"])
+    assert out["seeds"][0]["spread_ratio"] != out["seeds"][1]["spread_ratio"]  # training seeds differ
+
+
 def test_vae_training_is_cached(tiny_lm):
     first = make_prior("vae", lm=tiny_lm, n_docs=8, steps=60)
     second = make_prior("vae", lm=tiny_lm, n_docs=8, steps=60)

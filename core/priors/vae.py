@@ -1,20 +1,29 @@
 """VAE prior (paper section 4.6): a small VAE trained on a cloud's activations, sampled from its latent prior.
 
 Default cloud: SQuAD activations at the last layer. Inputs are standardised per
-dimension; the decoder has one learned output variance, and the KL term is
-warmed up over the first third of training (both usual guards against the
-posterior collapse the paper ran into). Training takes a few seconds on a CPU
+dimension; the decoder has one learned output variance (a Gaussian likelihood
+N(decoder(z), sigma^2 I) in standardised units), and the KL term is warmed up
+over the first third of training (both usual guards against the posterior
+collapse the paper ran into). A sample is the VAE's generative model run
+forward: z ~ N(0, I), decoded, plus the decoder's Gaussian noise
+(`decoder_noise`, on by default; off gives the decoded means only). Training takes a few seconds on a CPU
 and is cached on disk under `cache_subdir("priors")`, keyed by the model
 fingerprint, the cloud (source, layer, n_docs, data_seed) and every training
 option. The diagnostics the paper lacked come with it:
 
 - active_units: latent dimensions whose posterior mean varies over the data (Var > 0.01, Burda et al.)
 - recon_rel_error: held-out reconstruction MSE over the data's variance (0 perfect, 1 = predicting the mean)
-- spread_ratio: total variance of decoded prior samples over the data's (1 = same spread; << 1 = collapse)
+- spread_ratio: total variance of prior samples, decoder noise included, over the data's (1 = same spread)
+- spread_ratio_mean: the same for the decoded means alone (<< 1 = the latent carries little of the spread)
+- noise_share: the share of the samples' variance that is decoder noise (1 = the latent explains nothing)
+
+`spread_by_seed` trains the VAE under several seeds on one cloud (default: the
+last layer, as in the paper's section 4.6) for a CI of the spread over training seeds.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -27,6 +36,7 @@ from core.priors.base import Prior, ReferenceConfig, option, register, resolve_l
 from core.priors.fit import FORMAT_VERSION, MAX_LENGTH, ProgressFn, disk_cache, reference_cloud
 
 _ACTIVE_VAR = 0.01
+_VAE_VERSION = 2  # in the cache key: v2 stores the spread with decoder noise
 
 
 @dataclass
@@ -40,6 +50,8 @@ class VaeConfig(ReferenceConfig):
     lr: float = option(2e-3, "Adam learning rate.", min=1e-5, max=0.1, step=1e-4)
     beta: float = option(1.0, "Weight of the KL term after warm-up (beta-VAE).", min=0.0, step=0.1)
     max_rows: int = option(20000, "Rows of the cloud used for training (seeded subsample).", min=100, step=1000)
+    decoder_noise: bool = option(True, "Add the decoder's learned Gaussian noise to each decoded sample (the "
+                                 "VAE's generative model); off: the decoded means only.")
 
     def validate(self, lm) -> None:  # noqa: ANN001
         super().validate(lm)
@@ -74,9 +86,14 @@ class Vae(nn.Module):
         z = mu + torch.randn(mu.shape, generator=generator) * (0.5 * logvar).exp()
         return self.decoder(z), mu, logvar
 
-    def decode_original(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent z [m, k] -> vectors in the cloud's own units [m, d]."""
-        return self.decoder(z) * self.scale + self.shift
+    def decode_original(self, z: torch.Tensor, noise: bool = False,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latent z [m, k] -> vectors in the cloud's own units [m, d]; with `noise`, plus the decoder's Gaussian
+        noise (std exp(log_noise / 2) in standardised units, so scale x that in the cloud's units)."""
+        out = self.decoder(z)  # [m, d], standardised
+        if noise:
+            out = out + torch.randn(out.shape, generator=generator) * (0.5 * self.log_noise).exp()
+        return out * self.scale + self.shift
 
 
 def train_vae(cloud: torch.Tensor, config: VaeConfig) -> tuple[Vae, dict]:
@@ -143,17 +160,22 @@ def vae_diagnostics(model: Vae, val: torch.Tensor, data: torch.Tensor, seed: int
         data_var = float((val - val.mean(0)).pow(2).sum(1).mean())
         rel = float((recon - val).pow(2).sum(1).mean()) / max(data_var, 1e-30)
         gen = torch.Generator().manual_seed(seed + 1)
-        decoded = model.decode_original(torch.randn(n_samples, mu.shape[1], generator=gen))
-        spread = float(decoded.var(0).sum() / data.var(0).sum().clamp_min(1e-30))
+        z = torch.randn(n_samples, mu.shape[1], generator=gen)  # [n, k] from the latent prior
+        data_total = data.var(0).sum().clamp_min(1e-30)
+        noisy = float(model.decode_original(z, noise=True, generator=gen).var(0).sum() / data_total)
+        means = float(model.decode_original(z).var(0).sum() / data_total)
         kl_dim = (0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)).mean(0)
     return {"active_units": active, "latent_dim": int(mu.shape[1]), "recon_rel_error": rel,
-            "spread_ratio": spread, "kl_per_dim": [round(float(v), 4) for v in kl_dim]}
+            "spread_ratio": noisy, "spread_ratio_mean": means,
+            "noise_share": max(0.0, 1.0 - means / noisy) if noisy > 0 else 0.0,
+            "noise_std": float((0.5 * model.log_noise).exp()), "kl_per_dim": [round(float(v), 4) for v in kl_dim]}
 
 
 def _vae_key(lm: LoadedModel, config: VaeConfig) -> str:
     layer = resolve_layer(config.source, config.layer, lm)
-    opts = ",".join(f"{k}={v}" for k, v in sorted(asdict(config).items()) if k not in ("layer",))
-    return f"vae/v{FORMAT_VERSION}/{lm.fingerprint}/layer={layer},max_length={MAX_LENGTH},{opts}"
+    # decoder_noise only changes sampling, not the trained model
+    opts = ",".join(f"{k}={v}" for k, v in sorted(asdict(config).items()) if k not in ("layer", "decoder_noise"))
+    return f"vae/v{FORMAT_VERSION}.{_VAE_VERSION}/{lm.fingerprint}/layer={layer},max_length={MAX_LENGTH},{opts}"
 
 
 @register
@@ -195,7 +217,7 @@ class VaePrior(Prior):
     def _sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         z = torch.randn(n, self.config.latent_dim, generator=generator)  # [n, k] from the latent prior N(0, I)
         with torch.no_grad():
-            out = self.model.decode_original(z)
+            out = self.model.decode_original(z, noise=bool(self.config.decoder_noise), generator=generator)
         self.last_stats = {k: v for k, v in self.diagnostics.items() if k != "kl_per_dim"}
         return out
 
@@ -208,8 +230,33 @@ class VaePrior(Prior):
             where = "token embeddings"
         else:
             where = f"{c.source} activations at layer {resolve_layer(c.source, c.layer, self.lm)}"
+        noise = "with decoder noise" if c.decoder_noise else "decoded means only, without the decoder noise"
         return (
-            f"VAE prior on {where}: {g['active_units']}/{g['latent_dim']} active latent units, "
-            f"reconstruction error {g['recon_rel_error']:.2f} of the variance, decoded spread "
-            f"{g['spread_ratio']:.2f} x the data's"
+            f"VAE prior on {where} ({noise}): {g['active_units']}/{g['latent_dim']} active latent units, "
+            f"reconstruction error {g['recon_rel_error']:.2f} of the variance, spread of samples with decoder "
+            f"noise {g['spread_ratio']:.2f} x the data's ({g.get('spread_ratio_mean', math.nan):.2f} from the "
+            f"decoded means alone)"
         )
+
+
+def spread_by_seed(lm: LoadedModel, seeds: tuple[int, ...] = (0, 1, 2, 3, 4), source: str = "squad",
+                   layer: int | None = None, progress: ProgressFn | None = None, **options: object) -> dict:
+    """The VAE prior trained under each seed on one cloud (default: SQuAD at the last layer, the paper's 4.6).
+
+    Returns {"source", "layer", "num_layers", "describe" (seed 0), "diagnostics" (seed 0), "seeds": [{"seed",
+    "spread_ratio", "spread_ratio_mean", "noise_share", "active_units", "recon_rel_error"}, ...]}: one row per
+    training seed, so a CI of the spread can be taken over seeds (the cloud, data_seed, stays the same).
+    """
+    rows, first = [], None
+    for seed in seeds:
+        config = VaeConfig(seed=int(seed), source=source, layer=layer, **options)
+        prior = VaePrior(config, lm=lm, progress=progress)
+        first = first or prior
+        g = prior.diagnostics
+        rows.append({"seed": int(seed), **{k: g[k] for k in ("spread_ratio", "spread_ratio_mean", "noise_share",
+                                                               "active_units", "recon_rel_error")}})
+    if first is None:
+        raise ValueError("spread_by_seed needs at least one seed")
+    return {"source": source, "layer": resolve_layer(source, layer, lm), "num_layers": lm.num_layers,
+            "describe": first.describe(),
+            "diagnostics": {k: v for k, v in first.diagnostics.items() if k != "kl_per_dim"}, "seeds": rows}
