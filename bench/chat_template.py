@@ -6,7 +6,19 @@ bootstrap CIs over items, and the answer-token loss training minimises. "plain" 
 paper's "Question: ..\\nAnswer:"; "chat" puts the same text in the user turn of the
 tokenizer's chat template. Baselines are cached on disk like a run's, so a second run is instant.
 
-    nice -n 19 env OMP_NUM_THREADS=1 .venv/bin/python bench/chat_template.py --n 200   # ~5-10 min on 1 core
+    nice -n 19 env OMP_NUM_THREADS=1 .venv/bin/python bench/chat_template.py --n 200   # ~12 min on 1 core
+
+Measured on SmolLM2-135M-Instruct (fp32, CPU), 200 validation items, seed 0:
+
+    template/baseline   exact match [95% CI]   MAE [95% CI] (no number)   answer loss
+    plain/no_prompt     0.010 [0.000, 0.025]    9.56 [8.10, 11.35] (33)    2.134
+    plain/text_prompt   0.015 [0.000, 0.035]    7.82 [6.09, 9.68] (121)    2.433
+    chat/no_prompt      0.000 [0.000, 0.000]    9.80 [7.03, 13.76] (52)    3.676
+    chat/text_prompt    0.000 [0.000, 0.000]    9.79 [7.46, 12.86] (16)    3.705
+
+With the chat template the model explains ("The answer is 11.", "To solve this equation, ...") instead of
+answering, so exact match drops to 0 and the answer tokens cost 1.5 nats more (part of that is the "\n" end
+marker training scores, where a chat turn ends with <|im_end|>). The plain format stays the default.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ cross-entropy of the gold answer tokens, the loss training minimises
 
 `template` formats each item: "plain" (the paper's "Question: ..\nAnswer:"; the
 text prompt, if any, is a line before it) or "chat" (the same text as the user
-turn of the tokenizer's chat template, answered in the assistant turn).
+turn of the tokenizer's chat template, answered in the assistant turn). Plain is
+the default, as in training: SmolLM2-135M-Instruct does worse with its chat
+template on both baselines (bench/chat_template.py has the numbers).
 Baselines do not depend on the trained prompt, so they are cached on disk.
 """
 
