@@ -162,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
     for kind in ("prompt", "no_prompt", "text_prompt"):
         scores = m.get("eval", {}).get(kind)
         if scores:
-            shown = ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if k in ("accuracy", "exact_match", "f1"))
+            shown = ", ".join(f"{k}={v:.3f}" for k, v in scores.items()
+                              if k in ("accuracy", "exact_match", "f1", "mae", "answer_loss") and isinstance(v, float))
             print(f"  {kind:12s} n={scores['n']}: {shown}")
     for name, d in (m.get("drift") or {}).items():
         if d.get("l2") is not None:

@@ -331,6 +331,11 @@ def metrics_table(metrics: dict) -> list[dict]:
     for key, label in names.items():
         scores = metrics.get("eval", {}).get(key)
         if scores:
-            rows.append({"condition": label, "n": scores.get("n"),
-                         **{k: scores[k] for k in ("accuracy", "exact_match", "f1") if k in scores}})
+            row = {"condition": label, "n": scores.get("n"),
+                   **{k: scores[k] for k in ("accuracy", "exact_match", "f1") if k in scores}}
+            for k in ("accuracy", "mae"):  # 95% bootstrap CIs over items (core.evaluation), where stored
+                if scores.get(f"{k}_ci"):
+                    row[f"{k} 95% CI"] = "[{:.3g}, {:.3g}]".format(*scores[f"{k}_ci"])
+            row.update({k: scores[k] for k in ("mae", "n_unparsed", "answer_loss") if k in scores})
+            rows.append(row)
     return rows

@@ -84,3 +84,14 @@ def test_baselines_are_cached_per_template(tiny_lm, tmp_path, monkeypatch):
                                       template="chat")
     assert calls == ["chat", "chat"] and chat["template"] == "chat"
     assert chat["no_prompt"]["answer_loss"] != first["no_prompt"]["answer_loss"]
+
+
+def test_metrics_table_shows_the_cis_error_and_loss():
+    from core.runs import metrics_table
+
+    scores = ev.math_scores(["3", "-1", "8", "x"], ["3", "-2", "8", "9"]) | {"answer_loss": 1.5}
+    rows = metrics_table({"eval": {"prompt": scores, "no_prompt": {"n": 4, "accuracy": 0.0}}})
+    assert [r["condition"] for r in rows] == ["trained prompt", "no prompt"]
+    assert rows[0]["accuracy"] == 0.5 and rows[0]["mae"] == pytest.approx(1 / 3) and rows[0]["n_unparsed"] == 1
+    assert rows[0]["accuracy 95% CI"].startswith("[") and rows[0]["answer_loss"] == 1.5
+    assert "mae" not in rows[1]  # a run evaluated before the error was stored shows what it has
