@@ -125,6 +125,23 @@ def test_loss_counts_answer_tokens_only(tiny_lm):
         torch.testing.assert_close(answer_loss(tiny_lm.model, prompt, first_only), single, rtol=1e-5, atol=1e-5)
 
 
+def test_shared_prefix_gives_the_concatenated_loss_and_gradient(tiny_lm):
+    """The soft prompt's keys/values are computed once per batch and shared by its rows: same loss, same gradient."""
+    batch = _batch(tiny_lm, DATA[0])
+    results = []
+    for shared in (True, False):
+        prompt = build_prompt("soft", tiny_lm.hidden_size, tiny_lm.num_layers, n_tokens=4)
+        prompt.load_tensors({"soft": _init("soft", tiny_lm)["soft"][:4]})
+        prompt.prefix_only = shared  # False: the prompt is concatenated to every row
+        loss = answer_loss(tiny_lm.model, prompt, batch)
+        loss.backward()
+        results.append((loss.detach(), prompt.soft.grad.clone()))
+    (loss_shared, grad_shared), (loss_concat, grad_concat) = results
+    torch.testing.assert_close(loss_shared, loss_concat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_shared, grad_concat, rtol=1e-4, atol=1e-6)
+    assert grad_shared.abs().sum() > 0
+
+
 @pytest.mark.parametrize("method", ["soft", "deep"])
 def test_resume_equals_uninterrupted(tiny_lm, tmp_path, method):
     init = {k: v[:4] for k, v in _init(method, tiny_lm).items()}

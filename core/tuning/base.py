@@ -54,6 +54,9 @@ class PromptModule(nn.Module):
 
     method = "base"
     config: PromptConfig
+    # True when the prompt enters the model only through `prefix()` (no hooks): the loss may then compute the
+    # prefix's keys and values once per batch and share them across rows (core.tuning.loss)
+    prefix_only = False
 
     @property
     def n_prefix(self) -> int:

@@ -48,6 +48,12 @@ def answer_loss(model: nn.Module, prompt: PromptModule | None, batch: Batch,
             logits = model.lm_head(hidden[batch.rows, batch.cols - 1])  # [N, V]
         return F.cross_entropy(logits.float(), batch.labels, reduction="sum")
     embeds = decoder.embed_tokens(batch.input_ids)  # [B, T, d]
+    if prompt is not None and prompt.prefix_only and embeds.shape[0] > 1:
+        with amp:
+            hidden = _shared_prefix_forward(decoder, prompt, embeds)
+            if hidden is not None:  # [B, T, d]: column c predicts token c+1, as without a prompt
+                logits = model.lm_head(hidden[batch.rows, batch.cols - 1])  # [N, V]
+                return F.cross_entropy(logits.float(), batch.labels, reduction="sum")
     n = 0
     if prompt is not None:
         n = prompt.n_prefix
@@ -58,3 +64,26 @@ def answer_loss(model: nn.Module, prompt: PromptModule | None, batch: Batch,
         rows = hidden[batch.rows, batch.cols + n - 1]  # [N, d]
         logits = model.lm_head(rows)  # [N, V]
     return F.cross_entropy(logits.float(), batch.labels, reduction="sum")
+
+
+def _shared_prefix_forward(decoder: nn.Module, prompt: PromptModule, embeds: torch.Tensor) -> torch.Tensor | None:
+    """The decoder's last hidden states [B, T, d] of the tokens after a prompt that enters only as a prefix.
+
+    Every row's prefix is the same vectors, and causal attention keeps the prefix from seeing the tokens after
+    it, so its keys and values at every layer are the same in every row: they are computed once, with
+    gradients, and shared by the B rows through the model's own KV cache (B-fold less work on the prompt's
+    positions; a 20-vector prompt is ~40% of an 8 x 46-token MATH batch). Positions, masks and the result
+    are those of the concatenated sequence. None where this transformers version's cache cannot be shared
+    this way (the caller then runs the concatenated sequence).
+    """
+    batch_size, length = embeds.shape[:2]
+    prefix = prompt.prefix(1, embeds.dtype)  # [1, n, d]
+    cache = decoder(inputs_embeds=prefix, use_cache=True).past_key_values
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(hasattr(x, "keys") and hasattr(x, "values") for x in layers):
+        return None
+    for layer in layers:  # [1, heads, n, head_dim] -> a view of B rows (each layer's update concatenates a copy)
+        layer.keys = layer.keys.expand(batch_size, -1, -1, -1)
+        layer.values = layer.values.expand(batch_size, -1, -1, -1)
+    with attention_backend(embeds.device, prefix.shape[1] + length):
+        return decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=True).last_hidden_state

@@ -20,6 +20,7 @@ class SoftPrompt(PromptModule):
     """`soft` [n, d]: prepended to every sequence's input embeddings; the model is untouched."""
 
     config_class = SoftPromptConfig
+    prefix_only = True
 
     def __init__(self, config: SoftPromptConfig, hidden_size: int, num_layers: int) -> None:
         super().__init__()
