@@ -55,23 +55,32 @@ def _math(n: int, offset: int = 0) -> list:
                             answers=[str(k % 13 + k % 7)], meta={}) for k in range(offset, offset + n)]
 
 
-def test_cached_residual_loss_equals_the_full_forward(tiny_lm, tmp_path, monkeypatch):
+@pytest.mark.parametrize("layers", [[2, 3], [1, 3], [2]])
+def test_cached_residual_loss_equals_the_full_forward(tiny_lm, tmp_path, monkeypatch, layers):
+    """The cached path (deep keys/values once, last block at the read positions only) gives the hooked full
+    pass's loss and gradients, with prompted blocks anywhere from the start block on."""
     monkeypatch.setenv("PRIOR_LAB_CACHE", str(tmp_path))
-    prompt = build_prompt("deep", tiny_lm.hidden_size, tiny_lm.num_layers, n_tokens=3, layers=[2, 3], soft=False)
+    prompt = build_prompt("deep", tiny_lm.hidden_size, tiny_lm.num_layers, n_tokens=3, layers=layers, soft=False)
     gen = torch.Generator().manual_seed(0)
     prompt.load_tensors({k: torch.randn(v.shape, generator=gen) for k, v in prompt.named_tensors().items()})
-    assert prompt.n_prefix == 0 and set(prompt.named_tensors()) == {"deep.2", "deep.3"}
+    assert prompt.n_prefix == 0 and set(prompt.named_tensors()) == {f"deep.{x}" for x in layers}
     items = encode_examples(tiny_lm.tokenizer, _math(6))
     full = answer_loss(tiny_lm.model, prompt, collate(items, tiny_lm.tokenizer.pad_token_id))
-    cache = ResidualCache(tiny_lm, tiny_lm.model, None, start=2)
+    full.backward()
+    full_grads = {k: p.grad.clone() for k, p in prompt.named_tensors().items()}
+    prompt.zero_grad(set_to_none=True)
+    start = min(layers)
+    cache = ResidualCache(tiny_lm, tiny_lm.model, None, start=start)
     batch = collate(items, tiny_lm.tokenizer.pad_token_id)
     # residuals computed in another grouping than the batch: a row's stream must not depend on its batch-mates
     cache.get(items[3:]), cache.get(items[:3])
-    batch.residual, batch.start_layer = cache.batch(items), 2
+    batch.residual, batch.start_layer = cache.batch(items), start
     cached = answer_loss(tiny_lm.model, prompt, batch)
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
     cached.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in prompt.parameters())
+    for name, param in prompt.named_tensors().items():
+        assert param.grad.abs().sum() > 0
+        torch.testing.assert_close(param.grad, full_grads[name], rtol=1e-4, atol=1e-6)
 
 
 def test_deep_without_soft_trains_from_the_cache_and_matches_the_uncached_run(tiny_lm, tmp_path):

@@ -38,11 +38,20 @@ def answer_loss(model: nn.Module, prompt: PromptModule | None, batch: Batch,
            else contextlib.nullcontext())
     hooks = prompt.hooks(model) if prompt is not None else contextlib.nullcontext()
     if batch.residual is not None:  # deep prompts only, from the cached stream entering block `start_layer`
-        from core.tuning.cached import forward_from_layer
+        from core.tuning.cached import answer_rows_from_layer, answer_rows_supported, forward_from_layer
 
         if prompt is not None and prompt.n_prefix:
             raise ValueError("a cached residual stream cannot take a token-level prompt: train deep prompts with "
                              "soft=False (--no-soft), or drop the cached residuals")
+        if prompt is not None and answer_rows_supported(model):
+            dtype = batch.residual.dtype
+            deep = {int(name[5:]): t.to(dtype) for name, t in prompt.named_tensors().items()
+                    if name.startswith("deep.")}
+            with amp, attention_backend(device, batch.residual.shape[1]):
+                rows = answer_rows_from_layer(model, batch.residual, batch.start_layer, deep, batch.rows,
+                                              batch.cols - 1)  # [N, d]
+                logits = model.lm_head(rows)  # [N, V]
+            return F.cross_entropy(logits.float(), batch.labels, reduction="sum")
         with hooks, amp, attention_backend(device, batch.residual.shape[1]):
             hidden = forward_from_layer(model, batch.residual, batch.start_layer)  # [B, T, d]
             logits = model.lm_head(hidden[batch.rows, batch.cols - 1])  # [N, V]
