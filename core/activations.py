@@ -159,7 +159,7 @@ class Activations:
         """Metadata of the rows in view (hover data): token, token_id, doc, position, text (first 80 chars)."""
         snippets = np.array([t[:80] for t in self.texts], dtype=object)
         return pd.DataFrame({
-            "token": [repr(t) for t in self.token_texts],
+            "token": [repr(str(t)) for t in self.token_texts],  # str(): a numpy str's repr is "np.str_('...')"
             "token_id": self.token_ids,
             "doc": self.doc_index,
             "position": self.positions,
