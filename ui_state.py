@@ -13,7 +13,7 @@ from typing import TypeVar
 import streamlit as st
 
 from core.compute import decide_for, default_precision
-from core.models import DEFAULT_MODEL, PRECISIONS, LoadedModel, load_model, resolve_device
+from core.models import DEFAULT_MODEL, PRECISIONS, LoadedModel, known_fingerprint, load_model, resolve_device
 
 T = TypeVar("T")
 DATASETS = {"math": "MATH (arithmetic)", "squad": "QA (SQuAD format)", "c4": "web text (C4 role)"}
@@ -57,6 +57,14 @@ def memo(namespace: str, key: str, build: Callable[[], T], max_entries: int = 6)
 def current_model() -> LoadedModel:
     init_state()
     return _cached_model(st.session_state["model_name"], st.session_state["precision"])
+
+
+def current_fingerprint() -> str:
+    """The sidebar model's `fingerprint`; for the embedded model without loading it, so a page can serve its
+    committed artifacts before (or instead of) the model load."""
+    init_state()
+    known = known_fingerprint(st.session_state["model_name"], st.session_state["precision"])
+    return known or current_model().fingerprint
 
 
 @st.cache_resource

@@ -213,6 +213,16 @@ def _local_folder(name: str) -> Path | None:
                          f"weights, as save_pretrained writes them; or use {DEFAULT_MODEL!r} or a hub id")
 
 
+def _embedded_weights_id() -> str:
+    return f"smollm2-135m-instruct-gguf-{ASSETS['smollm2'].sha256[:16]}"
+
+
+def known_fingerprint(name: str, precision: str = "fp32") -> str | None:
+    """The `LoadedModel.fingerprint` that `load_model(name, precision)` will have, without loading any weights;
+    None where only loading tells (a local folder or a hub id). Lets a page match committed artifacts first."""
+    return f"{_embedded_weights_id()}:{precision}" if name in EMBEDDED_ALIASES else None
+
+
 def load_model(name: str = DEFAULT_MODEL, precision: str = "fp32", device: str = "auto") -> LoadedModel:
     """Load a frozen causal LM.
 
@@ -228,7 +238,7 @@ def load_model(name: str = DEFAULT_MODEL, precision: str = "fp32", device: str =
     if name in EMBEDDED_ALIASES:
         folder: str | Path = _embedded_dir()
         display, source = DEFAULT_MODEL, f"embedded: {ASSETS['smollm2'].description}"
-        weights_id = f"smollm2-135m-instruct-gguf-{ASSETS['smollm2'].sha256[:16]}"
+        weights_id = _embedded_weights_id()
     elif _local_folder(name):
         folder = _local_folder(name)
         display, source = folder.name, f"local folder {folder}"

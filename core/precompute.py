@@ -19,6 +19,8 @@ Tasks, in order:
     interpolation  MATH-C4 axis positions of interpolation priors and posteriors (tables/interpolation.csv)
     interpolation_view  the Interpolation page's view at the last block's input (tables/interpolation_view_l*)
     findings       the paper's findings against this model's numbers (tables/findings.json)
+    activations_view  the Activations page's default views: token clouds and per-text means
+                   (tables/activations_view*; core.analysis.activation_views)
 """
 
 from __future__ import annotations
@@ -306,8 +308,13 @@ class Precompute:
 
         self.store.save_json("findings", compute_findings(self.store, self.lm))
 
+    def task_activations_view(self) -> None:
+        from core.analysis.activation_views import save_activations_view
+
+        save_activations_view(self.store, self.lm, self.command)
+
     TASKS = ("separation", "trajectory", "token_pca", "fitted", "reference_knn", "vae", "gallery", "runs_table",
-             "transfer", "interpolation", "interpolation_view", "findings")
+             "transfer", "interpolation", "interpolation_view", "findings", "activations_view")
 
     def run(self, only: list[str] | None = None, force: list[str] | None = None) -> None:
         self._check_manifest()
