@@ -15,6 +15,7 @@ from core.runs import history_long, metrics_table, scan_runs
 from core.sweep import plan_trials
 from core.tuning import TrainConfig
 
+DEFAULTS = TrainConfig()  # the library's defaults (converging lr and stop rule), so page and CLI agree
 JOB_KEY = "train_job"  # the running job's id; the job itself lives in core.jobs, outside the rerun path
 SWEEP_KEY = "sweep_job"  # the same for a background sweep
 
@@ -43,10 +44,17 @@ with left:
                             key="train_layers", disabled=method != "deep",
                             help="Decoder layers that get their own prepended vectors; the paper used the last 3.")
 with right:
-    lr = st.number_input("Learning rate", 1e-5, 1.0, 3e-3, format="%g", key="train_lr")
-    steps = st.number_input("Steps", 1, 5000, 40, key="train_steps")
-    batch = st.number_input("Batch size", 1, 64, 8, key="train_batch")
-    eval_n = st.number_input("Held-out examples for task metrics (0 skips)", 0, 500, 32, key="train_eval_n")
+    lr = st.number_input("Learning rate (constant after a short warm-up)", 1e-5, 1.0, DEFAULTS.lr, format="%g",
+                         key="train_lr")
+    steps = st.number_input("Step budget", 1, 5000, DEFAULTS.steps, key="train_steps",
+                            help="The most steps the run may take; with the plateau stop on it usually ends sooner.")
+    plateau = st.toggle("Stop at a plateau (converged)", value=True, key="train_plateau",
+                        help=f"Stop once the best validation loss has not improved by more than "
+                             f"{DEFAULTS.plateau_margin:.0%} over {DEFAULTS.plateau_patience} evaluations; the run "
+                             "records whether it converged or hit the budget.")
+    batch = st.number_input("Batch size", 1, 64, DEFAULTS.batch_size, key="train_batch")
+    eval_n = st.number_input("Held-out examples for task metrics (0 skips)", 0, 500, DEFAULTS.eval_n,
+                             key="train_eval_n")
     seed = st.number_input("Seed", 0, 10_000, 0, key="train_seed")
 
 if st.button("Start training", type="primary", key="train_start"):
@@ -57,6 +65,7 @@ if st.button("Start training", type="primary", key="train_start"):
         config = TrainConfig(
             method=method, dataset=dataset, prior=sent["prior"].get("name", "sample") if use_sent else prior,
             prior_params=params, lr=float(lr), steps=int(steps),
+            plateau_patience=DEFAULTS.plateau_patience if plateau else 0,
             batch_size=int(batch), eval_n=int(eval_n), seed=int(seed), layers=layers if method == "deep" else [],
             n_tokens=int(init.shape[0]) if init is not None else 20)
     except (ValueError, json.JSONDecodeError) as exc:
@@ -118,6 +127,7 @@ n_seeds = st.number_input("Seeds per prior", 1, 10, 2, key="sweep_seeds")
 if st.button("Start sweep", key="sweep_start", disabled=not sweep_priors):
     options = {"model": lm.name, "precision": lm.precision, "method": method, "dataset": dataset, "lr": float(lr),
                "steps": int(steps), "batch-size": int(batch), "eval-n": int(eval_n),
+               "plateau-patience": DEFAULTS.plateau_patience if plateau else 0,
                **({"layers": layers} if method == "deep" else {})}
     spec, trials = plan_trials(options, {"prior": sweep_priors, "seed": list(range(int(n_seeds)))})
     out = reserve_run_dir(f"sweep-{method}-{dataset}")

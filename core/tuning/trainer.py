@@ -83,7 +83,8 @@ class TrainConfig:
     n_val: int = 48
     val_every: int = 10
     snapshot_every: int = 5
-    eval_n: int = 32  # held-out examples for greedy-generation metrics at the end; 0 skips
+    eval_n: int = 200  # held-out examples for greedy-generation metrics at the end (exact match within about
+    # +-7 points, core.evaluation.DEFAULT_EVAL_N); 0 skips
     max_new_tokens: int = 0  # 0: 12 for math, 40 for squad
     max_length: int = 320  # tokens of prompt+answer; longer prompts are cut from the start
     bucket: int = 8  # batches per length-sorting chunk (less padding)
