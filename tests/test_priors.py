@@ -25,7 +25,8 @@ from core.priors import (
 )
 from core.priors.fit import clear_memory_cache, ledoit_wolf
 
-ALL = ["gaussian", "xavier", "fitted", "exclusion", "interpolation", "vae", "vocab", "text", "knn_low_density"]
+ALL = ["gaussian", "xavier", "fitted", "exclusion", "interpolation", "vae", "gaussian_tokens", "vocab", "text",
+       "knn_low_density"]
 FAST_OPTS = {  # small clouds and short training keep the unit set fast on 2 CPU cores
     "interpolation": {"n_docs": 8},
     "vae": {"n_docs": 8, "steps": 60},
@@ -160,6 +161,19 @@ def test_gaussian_std_and_density():
     assert abs(float(x.mean())) < 0.001
     ref = torch.distributions.Normal(0.0, 0.05).log_prob(x[:5].double()).sum(1)
     torch.testing.assert_close(prior.log_prob(x[:5]), ref)
+
+
+def test_token_scale_gaussian_takes_sigma_from_the_token_embeddings(tiny_lm):
+    from core.priors.gaussian import token_rms
+
+    prior = make_prior("gaussian_tokens", lm=tiny_lm)
+    rms = float(tiny_lm.input_embeddings().pow(2).mean().sqrt())
+    assert token_rms(tiny_lm) == pytest.approx(rms, rel=1e-5)
+    x = prior.sample(4000, gen())
+    assert float(x.std()) == pytest.approx(rms, rel=0.02)
+    assert f"{rms:.4g}" in prior.describe()
+    with pytest.raises(ValueError, match="gaussian_tokens prior takes its sigma from the model's token embeddings"):
+        make_prior("gaussian_tokens", dim=64)
 
 
 def test_xavier_bound_and_spread():

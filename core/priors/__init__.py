@@ -7,7 +7,8 @@
     >>> fitted_gaussian(lm).mahalanobis(x)                 # [20], the cached fit other pages use
 
 Names (PRIOR_NAMES): gaussian, xavier, fitted, exclusion, interpolation, vae
-(the paper's section 3.3), and beyond it vocab, text, knn_low_density.
+(the paper's section 3.3), and beyond it gaussian_tokens (the isotropic Gaussian at the token
+embeddings' scale), vocab, text, knn_low_density.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from core.priors.fit import FittedGaussian, ProgressFn, fit_gaussian, fitted_gau
 
 # The paper's priors in its order, then the ones beyond it; the UI lists them like this.
 PRIOR_NAMES: list[str] = [
-    "gaussian", "xavier", "fitted", "exclusion", "interpolation", "vae", "vocab", "text", "knn_low_density",
+    "gaussian", "xavier", "fitted", "exclusion", "interpolation", "vae", "gaussian_tokens", "vocab", "text",
+    "knn_low_density",
 ]
 assert set(PRIOR_NAMES) == set(REGISTRY), "every registered prior must be listed in PRIOR_NAMES"
 _OBJECT_PARAMS = ("reference", "reference_a", "reference_b")  # tensors, not config options
