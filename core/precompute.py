@@ -13,7 +13,8 @@ Tasks, in order:
     fitted         fitted Gaussian of the token embeddings: mean, shrunk covariance (arrays/fitted_tokens)
     reference_knn  the vocabulary's own k-NN distances, for divergence measures (arrays/, ~0.8 MB)
     vae            the VAE prior's spread on last-layer SQuAD activations, 5 seeds (tables/vae.json)
-    gallery        trained runs per prior (runs/<method>-<dataset>-<prior>-s<seed>/): a sweep (runs/sweep.json)
+    gallery        converged runs per prior and seed (runs/<method>-<dataset>-<prior>-s<seed>/): a sweep
+                   (runs/sweep.json); the plan is `gallery_specs`, its cost in README "The gallery and its compute plan"
     runs_table     the run comparison table over the gallery (tables/runs.csv)
     transfer       every gallery soft prompt evaluated on MATH and QA (tables/transfer.csv)
     interpolation  MATH-C4 axis positions of interpolation priors and posteriors (tables/interpolation.csv)
@@ -45,39 +46,58 @@ from core.compute import decide
 from core.models import DEFAULT_MODEL, LoadedModel, load_model
 from core.paths import REPO_ROOT
 
-SOFT_PRIORS = ("gaussian", "xavier", "fitted", "exclusion", "interpolation", "vae")
+# The gallery (issue 11's plan). Soft MATH carries the prior comparison, so it gets every prior and 5 seeds (the
+# equivalence and rank tests need >= 5 per prior); QA and deep MATH get fewer priors and 3 seeds.
+SOFT_MATH_PRIORS = ("gaussian", "gaussian_tokens", "xavier", "fitted", "exclusion", "interpolation", "vae", "vocab")
+SOFT_QA_PRIORS = ("gaussian", "fitted", "exclusion", "vae")  # near the origin, on the fit, off it, a learned fit
 DEEP_PRIORS = ("gaussian", "fitted", "interpolation")
-EXTRA_SEEDS = {("soft", "math", "gaussian"): (1,), ("soft", "math", "fitted"): (1,)}
+GALLERY_FORMAT = 2  # 2: converged runs (constant lr, plateau stop, run.json `converged`); 1: fixed short schedules
+EXCLUSION_WIDENING = 1.21  # c_dim, 10% wider per axis; the paper's c=5 gives 1.0056 at d=576, nearly the fit itself
 
 
 @dataclass(frozen=True)
 class Budget:
-    """How much work each task does; `quick` is for tests, `full` for the committed artifacts."""
+    """How much work each task does; `quick` is for tests, `full` for the committed artifacts.
+
+    Steps are budgets: every gallery run trains at the TrainConfig convergence defaults (constant lr 0.03, plateau
+    stop after `plateau_patience` validations without a 1% gain), so a run ends when it converges, or at its budget
+    with `converged` false."""
 
     sep_docs: int  # documents per dataset for the separation table
     sep_layers: tuple[int, ...] | None  # None = every layer
     traj_texts: int
-    math_steps: int
+    math_steps: int  # step budget of a MATH run (soft and deep)
     qa_steps: int
     math_batch: int
     qa_batch: int
-    eval_n: int
+    math_eval_n: int  # held-out items of the final generation metrics
+    qa_eval_n: int
     n_train: int
     n_val: int
-    snapshot_every: int
+    val_every: int  # steps between validations: the plateau rule's clock
+    snapshot_every: int  # prompt snapshots (the artifacts' size: each is n x d floats per tensor)
+    deep_snapshot_every: int  # a deep prompt holds one tensor per prompted layer
     transfer_n: int
-    seeds_extra: bool
-    soft_priors: tuple[str, ...]
+    soft_math_priors: tuple[str, ...]
+    soft_math_seeds: int
+    soft_qa_priors: tuple[str, ...]
+    qa_seeds: int
     deep_priors: tuple[str, ...]
+    deep_seeds: int
+    deep_soft: bool  # False: deep vectors only, trained from cached activations (the paper also trains a soft prompt)
     datasets: tuple[str, ...]
 
 
-FULL = Budget(sep_docs=48, sep_layers=None, traj_texts=200, math_steps=60, qa_steps=40, math_batch=8, qa_batch=4,
-              eval_n=24, n_train=1000, n_val=32, snapshot_every=10, transfer_n=24, seeds_extra=True,
-              soft_priors=SOFT_PRIORS, deep_priors=DEEP_PRIORS, datasets=("math", "squad"))
+FULL = Budget(sep_docs=48, sep_layers=None, traj_texts=200, math_steps=400, qa_steps=300, math_batch=8, qa_batch=4,
+              math_eval_n=200, qa_eval_n=100, n_train=1000, n_val=48, val_every=10, snapshot_every=20,
+              deep_snapshot_every=40, transfer_n=24, soft_math_priors=SOFT_MATH_PRIORS, soft_math_seeds=5,
+              soft_qa_priors=SOFT_QA_PRIORS, qa_seeds=3, deep_priors=DEEP_PRIORS, deep_seeds=3, deep_soft=False,
+              datasets=("math", "squad"))
 QUICK = Budget(sep_docs=8, sep_layers=None, traj_texts=12, math_steps=3, qa_steps=2, math_batch=2, qa_batch=1,
-               eval_n=2, n_train=8, n_val=2, snapshot_every=1, transfer_n=2, seeds_extra=False,
-               soft_priors=("gaussian", "fitted"), deep_priors=("gaussian",), datasets=("math", "squad"))
+               math_eval_n=2, qa_eval_n=2, n_train=8, n_val=2, val_every=1, snapshot_every=1, deep_snapshot_every=1,
+               transfer_n=2, soft_math_priors=("gaussian", "fitted"), soft_math_seeds=2,
+               soft_qa_priors=("gaussian",), qa_seeds=1, deep_priors=("gaussian",), deep_seeds=1, deep_soft=False,
+               datasets=("math", "squad"))
 
 
 def _git_version() -> str:
@@ -90,19 +110,19 @@ def _git_version() -> str:
 
 
 def gallery_specs(budget: Budget) -> list[dict]:
-    """The runs of the gallery: method, dataset, prior, seed, and the prior's options."""
-    specs = []
-    for dataset in budget.datasets:
-        for prior in budget.soft_priors:
-            specs.append({"method": "soft", "dataset": dataset, "prior": prior, "seed": 0})
+    """The runs of the gallery, in the order they train: method, dataset, prior, seed and folder name.
+
+    Soft MATH first, seed-major (seed 0 of every prior, then seed 1, ...), so a build stopped early still holds
+    every prior; then deep MATH, then soft QA, in the same order."""
+    groups = []
     if "math" in budget.datasets:
-        for prior in budget.deep_priors:
-            specs.append({"method": "deep", "dataset": "math", "prior": prior, "seed": 0})
-    if budget.seeds_extra:
-        for (method, dataset, prior), seeds in EXTRA_SEEDS.items():
-            specs += [{"method": method, "dataset": dataset, "prior": prior, "seed": s} for s in seeds]
-    for spec in specs:
-        spec["name"] = f"{spec['method']}-{spec['dataset']}-{spec['prior']}-s{spec['seed']}"
+        groups += [("soft", "math", budget.soft_math_priors, budget.soft_math_seeds),
+                   ("deep", "math", budget.deep_priors, budget.deep_seeds)]
+    if "squad" in budget.datasets:
+        groups.append(("soft", "squad", budget.soft_qa_priors, budget.qa_seeds))
+    specs = [{"method": method, "dataset": dataset, "prior": prior, "seed": seed,
+              "name": f"{method}-{dataset}-{prior}-s{seed}"}
+             for method, dataset, priors, seeds in groups for seed in range(seeds) for prior in priors]
     return specs
 
 
@@ -113,7 +133,8 @@ def gallery_prior_params(method: str, prior: str) -> dict:
     tensor at its own input: the soft prompt at layer 0 (the embeddings of the
     tokens the datasets use, as the paper's section 4.4 plots token-level prompts),
     each deep layer's vectors at that layer. The soft `fitted` prior is fitted to
-    the whole vocabulary (section 4.2); the deep one to MATH activations.
+    the whole vocabulary (section 4.2); the deep one to MATH activations. The exclusion
+    prior widens the fit by EXCLUSION_WIDENING per axis (the paper's c=5 barely widens it at this width).
     """
     if prior == "interpolation":
         return {"source_a": "math", "source_b": "c4"}
@@ -121,30 +142,51 @@ def gallery_prior_params(method: str, prior: str) -> dict:
         return {"source": "squad"}
     if prior == "fitted" and method == "deep":
         return {"source": "math"}
+    if prior == "exclusion":
+        return {"widening": EXCLUSION_WIDENING}
     return {}
+
+
+def gallery_record(budget: Budget) -> dict:
+    """What the manifest says about the gallery: its format and how its runs differ from the paper's."""
+    return {
+        "format": GALLERY_FORMAT,
+        "training": "TrainConfig convergence defaults: constant lr 0.03 after warm-up, plateau stop (5 validations "
+                    "without a 1% relative gain), steps = a budget; run.json `converged` says which rule stopped it",
+        "deep": ("deep vectors only (soft=False), trained from cached activations at the first prompted block; the "
+                 "paper's deep method also trains a token-level soft prompt" if not budget.deep_soft else
+                 "deep vectors and a token-level soft prompt, as in the paper"),
+        "eval_n": {"math": budget.math_eval_n, "squad": budget.qa_eval_n},
+        "exclusion_widening": EXCLUSION_WIDENING,
+    }
 
 
 def gallery_sweep(budget: Budget, model: str = DEFAULT_MODEL) -> tuple:
     """The gallery as a sweep: (core.sweep.SweepSpec, its trials), one trial per `gallery_specs` entry, named as
-    the committed run folders. Shared options are the spec's options; each trial sets what differs by dataset.
+    the committed run folders. Shared options are the spec's options (the rest are TrainConfig's convergence
+    defaults); each trial sets what differs by dataset and method.
     `model`: the loaded model's name, so the local backend trains the model precompute was given."""
     from core.sweep.spec import plan_trials
 
-    options = {"lr": 3e-3, "n-train": budget.n_train, "n-val": budget.n_val, "snapshot-every": budget.snapshot_every,
-               "eval-n": budget.eval_n}
+    options = {"n-train": budget.n_train, "n-val": budget.n_val, "val-every": budget.val_every}
     if model != DEFAULT_MODEL:  # the embedded model is the options' default: its recorded spec stays as committed
         options["model"] = model
     trials = []
     for spec in gallery_specs(budget):
         is_math = spec["dataset"] == "math"
-        trials.append({
+        deep = spec["method"] == "deep"
+        trial = {
             "name": spec["name"], "method": spec["method"], "dataset": spec["dataset"], "prior": spec["prior"],
             "seed": spec["seed"], "prior-param": gallery_prior_params(spec["method"], spec["prior"]),
             "steps": budget.math_steps if is_math else budget.qa_steps,
             "batch-size": budget.math_batch if is_math else budget.qa_batch,
-            "val-every": max(1, budget.snapshot_every // (2 if is_math else 1)),  # QA validation is costly
+            "eval-n": budget.math_eval_n if is_math else budget.qa_eval_n,
+            "snapshot-every": budget.deep_snapshot_every if deep else budget.snapshot_every,
             "max-length": 320 if is_math else 256,
-        })
+        }
+        if deep and not budget.deep_soft:
+            trial["soft"] = False  # TrainConfig field (CLI --no-soft): the cached-activation path
+        trials.append(trial)
     return plan_trials(options, trials=trials)
 
 
@@ -189,6 +231,7 @@ class Precompute:
             "compute_by_task": {t: self.task_compute.get(t, previous.get("compute", {}).get("reason", "unknown"))
                                 for t in done},
             "seeds": sorted({s["seed"] for s in gallery_specs(self.budget)}),
+            "gallery": gallery_record(self.budget),
             # the command that built the artifacts, and every later one that touched them
             "command": previous.get("command", self.command),
             "commands": [*previous.get("commands", []), self.command][-20:],
@@ -376,4 +419,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["Budget", "FULL", "QUICK", "Precompute", "gallery_specs", "gallery_sweep"]
+__all__ = ["FULL", "GALLERY_FORMAT", "QUICK", "Budget", "Precompute", "gallery_record", "gallery_specs",
+           "gallery_sweep"]

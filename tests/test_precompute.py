@@ -9,7 +9,16 @@ import pytest
 from safetensors.numpy import load_file
 
 from core.artifacts import ArtifactStore
-from core.precompute import QUICK, Precompute, gallery_specs
+from core.precompute import FULL, GALLERY_FORMAT, QUICK, Precompute, gallery_specs, gallery_sweep
+
+# What the convergence format (gallery format 2) added to the artifacts of format 1. A committed gallery that
+# predates it (its manifest has no gallery format, or a lower one) may lack exactly these and nothing else; the
+# quick build must hold all of them.
+ADDED_IN_FORMAT_2 = {
+    "run_json": {"converged", "stop_reason", "stop_rule"},
+    "runs.csv": {"steps_done", "converged", "stop_reason", "drift_rel_init", "drift_rel_nn_gap"},
+    "manifest": {"gallery"},
+}
 
 
 def _name(path) -> str:  # noqa: ANN001
@@ -51,11 +60,54 @@ def test_quick_build_has_every_artifact_and_run(quick_store, tiny_lm):
     assert all({"test", "effect", "ci", "n"} <= set(f) for f in findings)
 
 
+def _without_format_2_additions(fmt: dict) -> dict:
+    """`fmt` as a format-1 gallery would hold it: the format-2 additions removed, after checking each is there."""
+    files, keys = fmt["run_format"]
+    assert ADDED_IN_FORMAT_2["run_json"] <= set(keys)
+    columns = fmt["tables"]["runs.csv"].split(",")
+    assert ADDED_IN_FORMAT_2["runs.csv"] <= set(columns)
+    assert ADDED_IN_FORMAT_2["manifest"] <= set(fmt["manifest"])
+    return fmt | {
+        "run_format": (files, [k for k in keys if k not in ADDED_IN_FORMAT_2["run_json"]]),
+        "tables": fmt["tables"] | {"runs.csv": ",".join(c for c in columns if c not in ADDED_IN_FORMAT_2["runs.csv"])},
+        "manifest": [k for k in fmt["manifest"] if k not in ADDED_IN_FORMAT_2["manifest"]],
+    }
+
+
 def test_quick_build_matches_the_committed_format(quick_store):
     committed = ArtifactStore()
     if not committed.manifest():
         pytest.skip("no committed artifacts in this checkout")
-    assert _format(quick_store) == _format(committed)
+    quick = _format(quick_store)
+    if committed.manifest().get("gallery", {}).get("format", 1) < GALLERY_FORMAT:
+        # The committed gallery predates converged runs (its rebuild is resumable, see README "Precomputed
+        # artifacts"): everything else must match, and the new build adds exactly the convergence fields.
+        quick = _without_format_2_additions(quick)
+    assert quick == _format(committed)
+
+
+def test_gallery_plan_is_issue_11s():
+    """FULL: soft MATH 8 priors x 5 seeds first (seed-major), deep MATH 3 x 3 without the soft prompt, soft QA 4 x 3;
+    every run at the convergence defaults with a budget, MATH evaluated on 200 held-out items."""
+    specs = gallery_specs(FULL)
+    kinds = [(s["method"], s["dataset"]) for s in specs]
+    assert kinds == [("soft", "math")] * 40 + [("deep", "math")] * 9 + [("soft", "squad")] * 12
+    soft_math = specs[:40]
+    assert [s["seed"] for s in soft_math[:8]] == [0] * 8 and [s["seed"] for s in soft_math[8:16]] == [1] * 8
+    assert {s["prior"] for s in soft_math} == {"gaussian", "gaussian_tokens", "xavier", "fitted", "exclusion",
+                                              "interpolation", "vae", "vocab"}
+    spec, trials = gallery_sweep(FULL)
+    assert [t.name for t in trials] == [s["name"] for s in specs] and not any(t.error for t in trials)
+    for trial in trials:
+        config = trial.config
+        assert config["schedule"] == "constant" and config["plateau_patience"] > 0 and config["lr"] == 0.03
+        assert config["steps"] >= 300  # a budget, not a schedule: converged runs stop at ~110-120 (soft MATH)
+        if config["dataset"] == "math":
+            assert config["eval_n"] >= 200
+        if config["method"] == "deep":
+            assert config["soft"] is False  # deep vectors only: the cached-activation path (recorded in the manifest)
+        if config["prior"] == "exclusion":
+            assert config["prior_params"]["widening"] > 1.1  # a widening that matters (c=5 gives 1.006)
 
 
 def test_second_run_resumes_without_recomputing(quick_store, tiny_lm, monkeypatch):
