@@ -2,8 +2,11 @@
 
 import pandas as pd
 import streamlit as st
+from streamlit.errors import StreamlitPageNotFoundError
 
 import ui_state
+from core import tour
+from core.analysis.divergence import token_reference
 from core.artifacts import ArtifactStore
 from core.assets import provenance
 from core.data import dataset_label, load_examples, load_report
@@ -32,6 +35,7 @@ for quality. Below, each of its findings is checked on the loaded model.
 store = ArtifactStore()
 usable, note = store.status(lm.fingerprint)
 findings = (store.load_json("findings") or {}).get("findings", []) if usable else []
+runs = store.load_table("runs") if usable else None
 st.subheader("The paper's findings, measured here")
 if not findings:
     st.info(f"{note} Each page below can also compute its view live.")
@@ -44,8 +48,36 @@ for f in findings:
         st.caption(f"Verdict: **{f['verdict']}**. {f.get('why', '')}. See page *{f['page']}*, chart *{f['chart']}*.")
 if findings:
     st.caption("Each verdict is agrees, does not agree or inconclusive: its rule (test, margin, thresholds) is stored "
-               "beside the numbers in artifacts/tables/findings.json. With only one or two seeds per prior, most "
-               "verdicts about priors are honestly inconclusive. " + note)
+               "beside the numbers in artifacts/tables/findings.json. " + tour.seeds_line(runs) + " " + note)
+
+
+def readout(run: str) -> str:
+    # Memoised per model, run folder and its last save: the token reference decodes the whole vocabulary once.
+    ref = ui_state.memo("tour_ref", lm.fingerprint, lambda: token_reference(lm), max_entries=1)
+    path = store.runs_root / run
+    stamp = (path / "run.json").stat().st_mtime if (path / "run.json").exists() else 0.0
+    return ui_state.memo("tour_readout", f"{lm.fingerprint}:{path}:{stamp}",
+                         lambda: tour.prompt_readout(lm, path, ref))
+
+
+st.subheader("Does the prompt collapse?")
+pair = tour.collapse_pair(runs)
+if pair["pair"]:
+    sides = (("collapses", pair["pair"]["collapses"]), ("does not collapse", pair["pair"]["does_not"]))
+    for col, (label, side) in zip(st.columns(2), sides, strict=True):
+        with col.container(border=True):
+            st.markdown(f"#### Prior *{side['prior']}*: the prompt {label}")
+            st.markdown("\n".join(f"- {line}" for line in tour.side_lines(side)))
+            st.caption("Its trained prompt, each vector's nearest token (cosine):")
+            st.code(readout(side["run"]["run"]), language=None, wrap_lines=True)  # tokens may hold markdown marks
+else:
+    st.info(pair["statement"][0].upper() + pair["statement"][1:])
+st.caption(f"Rule: {pair['rule']} {pair['note']}")
+try:
+    st.page_link("pages/6_Divergence.py", label="The full picture, every run step by step against fresh prior draws: "
+                 "the Divergence page", icon="📐")
+except StreamlitPageNotFoundError:  # the page run on its own (AppTest) has no navigation to link into
+    st.markdown("The full picture, every run step by step against fresh prior draws: the *Divergence* page.")
 
 st.subheader("Loaded model")
 summary = lm.summary()
