@@ -8,14 +8,15 @@ dtype `core.compute` picks for this CPU ("auto": bf16 only where bf16 matmuls ar
   documented way: DataLoader-style shuffled batches padded on the right with an attention mask, labels -100 off
   the answer, `model(input_ids, attention_mask, labels).loss.backward()`, under `torch.autocast("cpu", bfloat16)`
   where the chosen dtype is bf16 (what a user of PEFT would run on this device), in plain fp32 otherwise.
-- ours: `core.tuning` at compute "auto" (bf16 weights made once when bf16, batches bucketed by length, logits only
-  at answer positions).
+- ours: `core.tuning` at compute "auto" (bf16 weights made once when bf16, batches bucketed by length, the
+  prompt's keys and values computed once per batch and shared by its rows, logits only at answer positions).
 Each round passes every example once per method and dataset, interleaved (PEFT, ours, PEFT, ours ...); the first
 round is a warm-up, and tokens/s is the median over the measured rounds. Tokens are real (non-pad) tokens,
 identical for both. Peak memory is the RSS high-water mark
 (VmHWM) of a fresh child process per method running the same examples, so neither pays for the other's state.
 The ceiling line divides our useful FLOP rate (4·N·tokens for the forward and the backward to activations, N the
-non-embedding parameters, with the 20 virtual tokens counted as tokens, plus 4·d·V per answer token for the head)
+non-embedding parameters, with the 20 virtual tokens counted once per batch as ours computes them, plus 4·d·V per
+answer token for the head)
 by this machine's matrix-product rate in the chosen dtype, measured here (2048 x 2048 x 2048).
 """
 
@@ -212,7 +213,9 @@ def main() -> int:
                     rates[(name, method)].append(tokens / elapsed)
                     t = totals[(name, method)]
                     t[0], t[1], t[2] = t[0] + tokens, t[1] + elapsed, t[2] + 1
-                    flops[method] += 4 * n_nonembed * (tokens + N_VIRTUAL * rows) + 4 * d * vocab * answers
+                    # ours runs the virtual tokens once per batch (shared keys/values), PEFT once per row
+                    virtual = N_VIRTUAL * (rows // args.batch_size if method.startswith("ours") else rows)
+                    flops[method] += 4 * n_nonembed * (tokens + virtual) + 4 * d * vocab * answers
     rate = matmul_rate(torch.bfloat16 if decision.dtype == "bf16" else torch.float32)
     mem = {}
     for method in methods:
