@@ -140,6 +140,11 @@ def test_shared_prefix_gives_the_concatenated_loss_and_gradient(tiny_lm):
     torch.testing.assert_close(loss_shared, loss_concat, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_shared, grad_concat, rtol=1e-4, atol=1e-6)
     assert grad_shared.abs().sum() > 0
+    # shared where the prompt is a large share of each row (MATH), not on long passages (QA) or a single row
+    from core.tuning.loss import shares_prefix
+
+    assert shares_prefix(4, 4, batch.input_ids.shape[1]) and shares_prefix(20, 8, 26)
+    assert not shares_prefix(20, 8, 600) and not shares_prefix(20, 1, 26)
 
 
 @pytest.mark.parametrize("method", ["soft", "deep"])
