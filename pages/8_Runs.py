@@ -67,7 +67,7 @@ with st.expander("Drift of every prompt tensor of one run"):
     st.caption(f"converged: {run_converged(info)} (stop: {info.get('stop_reason', 'not recorded')}). "
                f"Rule: {info.get('stop_rule', 'not recorded: this run trained a fixed number of steps')}.")
     if drift.empty:
-        st.info("This run recorded no drift (it was trained before drift was measured).")
+        st.caption("This run recorded no drift (it was trained before drift was measured).")
     else:
         st.dataframe(drift, hide_index=True, width="stretch")
 

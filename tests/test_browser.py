@@ -110,8 +110,9 @@ def test_every_page_renders_in_chromium(server):
             start = time.time()
             if file not in CHARTLESS:
                 # The chart, an exception box, or the page's documented empty state ends the wait.
-                page.wait_for_selector(f'{CHART}, [data-testid="stException"], [data-testid="stAlert"]',
-                                       timeout=PAGE_TIMEOUT_S * 1000)
+                # Visible ones only: an alert inside a collapsed expander is in the DOM but hidden.
+                page.locator(f'{CHART}, [data-testid="stException"], [data-testid="stAlert"]').filter(
+                    visible=True).first.wait_for(timeout=PAGE_TIMEOUT_S * 1000)
             _wait_idle(page, PAGE_TIMEOUT_S)
             shot = SHOTS / f"{Path(file).stem}.png"
             page.screenshot(path=str(shot), full_page=True)
