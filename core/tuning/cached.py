@@ -202,8 +202,8 @@ def answer_rows_from_layer(model: nn.Module, hidden: torch.Tensor, start: int, d
             every = torch.arange(batch, device=device)[:, None]
             q = attn.q_proj(x[every, read_at]).view(batch, read_at.shape[1], -1, attn.head_dim).transpose(1, 2)
             cos, sin = decoder.rotary_emb(x, position_ids=positions)  # [1, T, dh]
-            k = apply_rotary_pos_emb(k, k, cos, sin)[0]
-            q = apply_rotary_pos_emb(q, q, cos[0, read_at], sin[0, read_at])[0]  # [B, H, A, dh]
+            k = _rotate(k, cos, sin)
+            q = _rotate(q, cos[0, read_at], sin[0, read_at])  # [B, H, A, dh]
             query_at = read_at[:, None, :]  # [B, 1, A]
         if n:  # the deep vectors' keys and values, once for every row
             d_in = layer.input_layernorm(vectors.unsqueeze(0))  # [1, n, d]
@@ -211,7 +211,7 @@ def answer_rows_from_layer(model: nn.Module, hidden: torch.Tensor, start: int, d
             dk = attn.k_proj(d_in).view(1, n, -1, attn.head_dim).transpose(1, 2)  # [1, KV, n, dh]
             dv = attn.v_proj(d_in).view(1, n, -1, attn.head_dim).transpose(1, 2)
             dcos, dsin = decoder.rotary_emb(d_in, position_ids=deep_pos)
-            dk = apply_rotary_pos_emb(dk, dk, dcos, dsin)[0]
+            dk = _rotate(dk, dcos, dsin)
             k = torch.cat([dk.expand(k.shape[0], -1, -1, -1), k], dim=2)  # [B or N, KV, n+T, dh]
             v = torch.cat([dv.expand(v.shape[0], -1, -1, -1), v], dim=2)
         key_at = torch.arange(n + length, device=device) - n  # deep keys at < 0: every query sees them
@@ -227,6 +227,14 @@ def answer_rows_from_layer(model: nn.Module, hidden: torch.Tensor, start: int, d
             h_read = h_read + layer.mlp(layer.post_attention_layernorm(h_read))
             return decoder.norm(h_read)
     raise ValueError(f"start block {start} is past the model's last block {last}")
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on one tensor [B, heads, T, dh] with cos/sin [B or 1, T, dh] (apply_rotary_pos_emb rotates two)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
 
 
 def _read_positions(rows: torch.Tensor, cols: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
