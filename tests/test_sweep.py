@@ -198,6 +198,25 @@ def test_ray_killed_worker_fails_only_its_trial(ray_cluster, tmp_path):
     assert status[trials[1].name]["status"] == "done" and result.counts["done"] == 1
 
 
+def test_ray_runs_no_more_trials_at_once_than_the_cluster_holds(ray_cluster, tmp_path):
+    # Long enough that each trial polls for a stop (a ray.get, during which Ray lends its CPU to queued tasks).
+    trials = _trials({"seed": ["0", "1", "2"]}, "--steps", "300")
+    running: set[str] = set()
+    most = [0]
+
+    def on_event(kind, name, info):
+        if kind == "started":
+            running.add(name)
+        elif kind == "finished":
+            running.discard(name)
+        most[0] = max(most[0], len(running))
+
+    result = run_sweep(tmp_path / "window", trials, backend="ray", backend_options={"cpus_per_trial": 1},
+                       on_event=on_event, progress=False)
+    assert result.counts["done"] == 3
+    assert most[0] == 2  # the 2-CPU test cluster runs two 1-CPU trials side by side, never a third
+
+
 @pytest.mark.integration
 def test_runs_page_shows_the_gallery_sweep_with_intervals(real_lm):
     from streamlit.testing.v1 import AppTest

@@ -90,18 +90,37 @@ class RayBackend(Backend):
             if started_here:
                 ray.shutdown()
 
+    def slots(self, ray) -> int:  # noqa: ANN001
+        """How many trials the cluster holds at once by their declared CPUs and GPUs."""
+        total = ray.cluster_resources()
+        fits = [total.get("CPU", 0.0) / self.cpus]
+        if self.gpus:
+            fits.append(total.get("GPU", 0.0) / self.gpus)
+        return max(1, int(min(fits) + 1e-9))
+
     def _run(self, ray, jobs: list[TrialJob], events: Events, cancel: threading.Event) -> None:  # noqa: ANN001
         control = ray.remote(num_cpus=0)(_Control).remote()
         task = ray.remote(_train_remote).options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)
         threads = max(1, int(self.cpus))
+        # Submitted a window at a time, not all at once: Ray hands a task's CPUs back while it waits in ray.get
+        # (its stop poll), and would start queued trials on them, oversubscribing the cores.
+        queue, slots = list(jobs), self.slots(ray)
         pending = {}
-        for job in jobs:
-            files = _read_files(job.out_dir) if job.resume else {}
-            spec = {"name": job.name, "config": job.config, "model": job.model, "threads": job.threads or threads}
-            pending[task.remote(spec, files, control)] = job
         started: set[str] = set()
         stop_sent = False
-        while pending:
+        while pending or queue:
+            while queue and len(pending) < slots and not cancel.is_set():
+                job = queue.pop(0)
+                files = _read_files(job.out_dir) if job.resume else {}
+                spec = {"name": job.name, "config": job.config, "model": job.model,
+                        "threads": job.threads or threads}
+                pending[task.remote(spec, files, control)] = job
+            if cancel.is_set() and queue:  # never submitted: they stay pending for the next run
+                for job in queue:
+                    events.finished(job.name, TrialOutcome("stopped", "cancelled before it started"))
+                queue.clear()
+            if not pending:
+                break
             done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
             for event in ray.get(control.drain.remote()):
                 kind, name, *rest = event
