@@ -33,23 +33,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core.activations import collect_activations, keep_side, tokenize  # noqa: E402
-from core.compute import decide  # noqa: E402
+from core.compute import decide, matmul_gflops  # noqa: E402
 from core.data import example_texts  # noqa: E402
 from core.models import load_model  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def matmul_rate(dtype: torch.dtype, size: int = 1024, reps: int = 3) -> float:
-    """Best FLOP/s of a [size, size] product in `dtype` on the CPU."""
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
 
 
 def reference(lm, texts: list[str], keep: list[str], layer: int, max_length: int, batch_size: int,  # noqa: ANN001
@@ -107,7 +95,7 @@ def main() -> int:
     lm = load_model(precision="fp32", device="cpu")
     decision = decide(lm)
     amp = torch.bfloat16 if decision.dtype == "bf16" else None
-    peak = matmul_rate(DTYPES[decision.dtype])
+    peak = 1e9 * matmul_gflops(DTYPES[decision.dtype], torch.device("cpu"), size=1024, seconds=1.0)
     print(f"device cpu ({torch.backends.cpu.get_cpu_capability()}); compute auto -> {decision.reason}; "
           f"{decision.dtype} 1024^3 matmul {peak / 1e9:.1f} GFLOP/s at {torch.get_num_threads()} thread(s)")
     texts, keep = [], []

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from core.compute import decide, default_precision  # noqa: E402
+from core.compute import decide, default_precision, matmul_gflops  # noqa: E402
 from core.tuning import answer_loss, build_prompt, collate  # noqa: E402
 from core.tuning.batches import Encoded, epoch_batches  # noqa: E402
 
@@ -139,19 +139,6 @@ class Peft:
         return tokens, answers, rows
 
 
-def matmul_rate(dtype: torch.dtype, device: torch.device, size: int, reps: int = 5) -> float:
-    a, b = torch.randn(size, size, device=device).to(dtype), torch.randn(size, size, device=device).to(dtype)
-    a @ b
-    sync(device)
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -193,7 +180,8 @@ def main() -> int:
                         flops += (4 * n_nonembed * (tokens + N_VIRTUAL * rows)
                                   + 4 * config.hidden_size * config.vocab_size * answers)
                         seconds += elapsed
-    peak = matmul_rate(DTYPES[decision.dtype], device, 4096 if device.type == "cuda" else 1024)
+    peak = 1e9 * matmul_gflops(DTYPES[decision.dtype], device, size=4096 if device.type == "cuda" else 1024,
+                               seconds=1.0)
     if device.type == "cuda":
         print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
     for kind in sets:

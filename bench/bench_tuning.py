@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from core.compute import cpu_model_name  # noqa: E402
+from core.compute import cpu_model_name, matmul_gflops  # noqa: E402
 
 N_VIRTUAL = 20
 
@@ -134,17 +134,6 @@ class Peft:
         return tokens, answers, rows
 
 
-def matmul_rate(dtype: torch.dtype, reps: int = 5) -> float:
-    a, b = torch.randn(2048, 2048).to(dtype), torch.randn(2048, 2048).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * 2048**3 / best
-
-
 def make_runner(method: str, lm, examples: list, batch_size: int) -> Ours | Peft:
     if method == "peft":
         return Peft(lm, examples, batch_size)
@@ -216,7 +205,8 @@ def main() -> int:
                     # ours runs the virtual tokens once per batch (shared keys/values), PEFT once per row
                     virtual = N_VIRTUAL * (rows // args.batch_size if method.startswith("ours") else rows)
                     flops[method] += 4 * n_nonembed * (tokens + virtual) + 4 * d * vocab * answers
-    rate = matmul_rate(torch.bfloat16 if decision.dtype == "bf16" else torch.float32)
+    rate = 1e9 * matmul_gflops(torch.bfloat16 if decision.dtype == "bf16" else torch.float32,
+                               torch.device("cpu"), size=2048, seconds=1.0)
     mem = {}
     for method in methods:
         out = subprocess.run([sys.executable, __file__, "--child", method, "--threads", str(args.threads),

@@ -71,9 +71,10 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _matmul_gflops(dtype: torch.dtype, device: torch.device, size: int = PROBE_SIZE,
+def matmul_gflops(dtype: torch.dtype, device: torch.device, size: int = PROBE_SIZE,
                    seconds: float = PROBE_SECONDS) -> float:
-    """Sustained GFLOP/s of a [size, size] @ [size, size] product in `dtype` on `device`."""
+    """Sustained GFLOP/s of a [size, size] @ [size, size] product in `dtype` on `device`, over `seconds` after a
+    warm-up product: the bf16/fp32 probe here, and the ceiling line of the benchmarks."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
@@ -110,8 +111,8 @@ def cpu_matmul_probe(refresh: bool = False) -> dict:
             pass  # damaged: measure again
     cpu = torch.device("cpu")
     result = {
-        "bf16_gflops": round(_matmul_gflops(torch.bfloat16, cpu), 2),
-        "fp32_gflops": round(_matmul_gflops(torch.float32, cpu), 2),
+        "bf16_gflops": round(matmul_gflops(torch.bfloat16, cpu), 2),
+        "fp32_gflops": round(matmul_gflops(torch.float32, cpu), 2),
         "cpu": cpu_model_name(),
         "capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
