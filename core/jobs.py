@@ -10,6 +10,7 @@ loses it. No streamlit here.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -88,6 +89,8 @@ def _run(job: Job, lm, init: torch.Tensor | dict | None, examples: tuple | None)
         with job.lock:
             job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
             job.message = traceback.format_exc(limit=6)
+        with contextlib.suppress(OSError):  # rmdir removes only an empty folder: a failure before the first write
+            job.out_dir.rmdir()  # leaves no empty run folder behind; anything written stays
 
 
 def start_job(lm, config: TrainConfig, out_dir: str | Path, init: torch.Tensor | dict | None = None,

@@ -125,6 +125,17 @@ def test_job_runs_in_background_and_cancels(tiny_lm, tmp_path):
         jobs.get_job("job-nope")
 
 
+def test_job_that_fails_before_training_leaves_no_empty_run_folder(tiny_lm, tmp_path):
+    from core.run_folders import reserve_run_dir
+
+    out = reserve_run_dir("deep-math-gaussian-s0", root=tmp_path)  # as the Train page does before starting
+    job = jobs.get_job(jobs.start_job(tiny_lm, _config(layers=[2, 99]), out, examples=DATA))
+    job.thread.join(timeout=120)
+    snap = job.snapshot()
+    assert snap["state"] == "failed" and "99" in snap["error"]
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.integration  # real data: the arithmetic generator
 def test_cli_train_end_to_end_on_a_local_tiny_model(tiny_lm, tmp_path, capsys):
     from core.__main__ import main
