@@ -148,6 +148,7 @@ def test_committed_gallery_is_a_done_sweep_with_intervals():
     assert loss.loc[("soft", "squad", "vae"), "n"] == 1 and math.isnan(loss.loc[("soft", "squad", "vae"), "ci_low"])
     divergence = summary[summary["measure"].isin(DIVERGENCE)]
     assert len(divergence) and divergence["mean"].notna().all()  # read from the committed runs.csv, no model
+    assert {"collapsed_share", "init_collapsed_share"} <= set(divergence["measure"])  # trained beside step 0
     assert loss.loc[("soft", "squad", "vae"), "ci"] == "undefined (one seed)"
 
 

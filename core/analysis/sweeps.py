@@ -26,9 +26,11 @@ from core.sweep.record import read_sweep, sweep_of_run
 GROUP = ("method", "dataset", "prior")
 QUALITY = ("final_val_loss", "metric_value", "steps_to_loss")
 # divergence columns of the run table, whichever of them it holds (older stored tables name collapse differently)
-DIVERGENCE = ("collapsed_share", "collapse_score", "median_nearest_cos_centered", "collapse_score_cos",
-              "median_manifold_ratio", "median_mahalanobis", "mean_drift_l2")
-MEASURES = QUALITY + DIVERGENCE
+DIVERGENCE = ("collapsed_share", "init_collapsed_share", "collapse_score", "median_nearest_cos_centered",
+              "collapse_score_cos", "median_manifold_ratio", "median_mahalanobis", "mean_drift_l2")
+# how far training moved the prompt, from run.json: over its initial norm, over the token nearest-neighbour gap
+DRIFT = ("drift_rel_init", "drift_rel_nn_gap")
+MEASURES = QUALITY + DIVERGENCE + DRIFT
 CONFIDENCE = 0.95
 
 
