@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(the run then counts as converged); 0: train the whole budget")
     parser.add_argument("--plateau-margin", type=float, default=d.plateau_margin,
                         help="relative validation-loss gain that counts as an improvement (0.01: 1%%)")
+    parser.add_argument("--keep", default=d.keep, choices=["best", "last"],
+                        help="a finished run's prompt: best = of the lowest validation loss (early stopping; "
+                             "default), last = the last step's")
     parser.add_argument("--no-deep-lr-scale", dest="scale_deep_lr", action="store_false",
                         help="deep: train every tensor at --lr (default: each deep tensor at lr x its layer's "
                              "activation RMS over the token embeddings' RMS, so it moves as much, relatively)")
@@ -158,7 +161,9 @@ def run(args: argparse.Namespace) -> int:
     if m.get("initial_val_loss") is not None:
         change = m.get("val_loss_reduction", 0)
         print(f"val loss: {m['initial_val_loss']:.4f} -> {m['final_val_loss']:.4f} "
-              f"({100 * abs(change):.1f}% {'lower' if change >= 0 else 'higher'})")
+              f"({100 * abs(change):.1f}% {'lower' if change >= 0 else 'higher'})"
+              + (f"; kept step {m['kept_step']}'s prompt, val loss {m['kept_val_loss']:.4f}" if "kept_step" in m
+                 else ""))
     for kind in ("prompt", "no_prompt", "text_prompt"):
         scores = m.get("eval", {}).get(kind)
         if scores:

@@ -38,7 +38,7 @@ from core.analysis.claims import (
 from core.artifacts import ArtifactStore
 
 MIN_SEEDS = 5  # per prior, for the claims about priors (quality, speed, collapse)
-QUALITY_MARGIN = 0.05  # equivalence margin: 5% of the mean final validation loss
+QUALITY_MARGIN = 0.05  # equivalence margin: 5% of the mean loss the quality test compares
 MOVED_AT_LEAST = 0.01  # interpolation: median shift on the MATH-C4 axis below this means training barely moved
 REBUILD = "python -m core precompute --only {task} findings --force {task} findings"
 
@@ -212,8 +212,9 @@ def collapse_finding(runs: pd.DataFrame | None) -> dict:
 
 def quality_finding(runs: pd.DataFrame | None) -> dict:
     claim = "Final quality is the same whatever the prior."
-    test = (f"equivalence (TOST: two one-sided Welch t-tests) of each prior's mean final validation loss with the "
-            f"reference prior's, margin {QUALITY_MARGIN:.0%} of the mean loss")
+    test = (f"equivalence (TOST: two one-sided Welch t-tests) of each prior's mean held-out answer-token loss of "
+            f"the kept prompt (final validation loss for runs without it) with the reference prior's, margin "
+            f"{QUALITY_MARGIN:.0%} of the mean loss")
     rule = {"test": test, "margin_relative": QUALITY_MARGIN, "min_seeds_per_prior": MIN_SEEDS, "alpha": 0.05,
             "agrees_when": "every prior is equivalent to the reference (TOST p < 0.05)",
             "does_not_agree_when": "some prior's 90% CI of the difference lies entirely outside the margin",
@@ -222,23 +223,28 @@ def quality_finding(runs: pd.DataFrame | None) -> dict:
     if runs is None or runs.empty:
         return _finding("quality", claim, page, chart, test=test, effect=None, ci=None, n=0, verdict=INCONCLUSIVE,
                         measured="no runs", why="no run table", rule=rule)
-    soft = _soft_math(runs).dropna(subset=["final_val_loss"])
-    means = soft.groupby("prior")["final_val_loss"].mean()
-    margin = QUALITY_MARGIN * float(soft["final_val_loss"].mean())
+    # the held-out loss: the kept prompt was chosen on the validation set, so its validation loss is biased low
+    value = ("eval_answer_loss" if "eval_answer_loss" in runs and _soft_math(runs)["eval_answer_loss"].notna().all()
+             else "final_val_loss")
+    soft = _soft_math(runs).dropna(subset=[value])
+    means = soft.groupby("prior")[value].mean()
+    margin = QUALITY_MARGIN * float(soft[value].mean())
     reference = "gaussian" if "gaussian" in means.index else str(means.index[0])
-    ref = soft[soft["prior"] == reference]["final_val_loss"].to_numpy()
+    ref = soft[soft["prior"] == reference][value].to_numpy()
     far = max((p for p in means.index if p != reference), key=lambda p: abs(means[p] - means[reference]), default=None)
     effect = float(means[far] - means[reference]) if far is not None else None
-    ci = (bootstrap_ci((soft[soft["prior"] == far]["final_val_loss"].to_numpy(), ref),
+    ci = (bootstrap_ci((soft[soft["prior"] == far][value].to_numpy(), ref),
                        lambda a, b: np.mean(a) - np.mean(b)) if far is not None else None)
-    measured = ("soft/MATH final validation loss by prior: " + ", ".join(f"{p} {v:.3f}" for p, v in means.items())
+    label = {"eval_answer_loss": "held-out answer-token loss", "final_val_loss": "final validation loss"}[value]
+    measured = (f"soft/MATH {label} by prior: " + ", ".join(f"{p} {v:.3f}" for p, v in means.items())
                 + f"; margin +-{margin:.3f}. "
                 + (f"Largest difference from {reference}: {far} {effect:+.3f} ({_fmt_ci(ci)})" if far is not None
                    else "Only one prior"))
     enough, why = _enough_seeds(soft)
-    verdict, numbers = INCONCLUSIVE, {"means": means.to_dict(), "margin": margin, "reference": reference}
+    verdict, numbers = INCONCLUSIVE, {"measure": value, "means": means.to_dict(), "margin": margin,
+                                      "reference": reference}
     if not why and reference in enough:
-        tests = {p: tost(soft[soft["prior"] == p]["final_val_loss"].to_numpy(), ref, margin)
+        tests = {p: tost(soft[soft["prior"] == p][value].to_numpy(), ref, margin)
                  for p in enough if p != reference}
         numbers["tost"] = tests
         if all(t["p_value"] < 0.05 for t in tests.values()):

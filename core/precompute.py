@@ -195,8 +195,11 @@ class Precompute:
     """Runs the tasks against one artifacts folder, skipping what is already built."""
 
     def __init__(self, lm: LoadedModel, store: ArtifactStore, budget: Budget, command: str,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, workers: int = 1) -> None:
         self.lm, self.store, self.budget, self.command, self.log = lm, store, budget, command, log
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1; got {workers}")
+        self.workers = workers  # gallery runs at once: 1 in this process, more as one-thread Ray tasks
         self.timings: dict[str, float] = dict(store.manifest().get("timings", {}))
         self.task_compute: dict[str, str] = dict(store.manifest().get("compute_by_task", {}))
 
@@ -302,12 +305,16 @@ class Precompute:
         self.store.save_json("vae", _jsonable(spread_by_seed(self.lm, **gallery_prior_params("soft", "vae"))))
 
     def task_gallery(self) -> None:
-        """The gallery is a sweep (`gallery_sweep`) run by the sweep engine on the local backend, sharing the model:
+        """The gallery is a sweep (`gallery_sweep`) run by the sweep engine: one run at a time in this process,
+        sharing the model, or with `workers` > 1 that many at once as one-thread tasks of a local Ray cluster (on a
+        CPU the runs are small, so one per core beats one run on every core).
         `python -m core sweep --spec artifacts/runs/sweep.json --out DIR` reproduces it anywhere."""
         from core.sweep import run_sweep
 
         spec, trials = gallery_sweep(self.budget, self.lm.name)
-        result = run_sweep(self.store.runs_root, trials, spec=spec, backend="local", lm=self.lm, name="gallery")
+        backend = ({"backend": "local", "lm": self.lm} if self.workers == 1 else
+                   {"backend": "ray", "backend_options": {"cpus_per_trial": 1, "num_cpus": self.workers}})
+        result = run_sweep(self.store.runs_root, trials, spec=spec, name="gallery", **backend)
         failed = [t for t in result.record["trials"] if t["status"] != "done"]
         if failed:
             raise RuntimeError("gallery runs not done: " + "; ".join(
@@ -406,6 +413,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny budget, for tests (never commit its output)")
     parser.add_argument("--only", nargs="*", choices=Precompute.TASKS, help="run only these tasks")
     parser.add_argument("--force", nargs="*", default=[], choices=Precompute.TASKS, help="rebuild these tasks")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="gallery runs trained at once: 1 in this process; N > 1 as one-thread tasks of a "
+                             "local Ray cluster of N CPUs (e.g. one per core)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -414,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
     budget = QUICK if args.quick else FULL
     command = "python -m core precompute " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["precompute"] else [])
     start = time.perf_counter()
-    Precompute(lm, store, budget, command.strip()).run(only=args.only, force=args.force)
+    Precompute(lm, store, budget, command.strip(), workers=args.workers).run(only=args.only, force=args.force)
     print(f"artifacts in {store.root}: {store.total_bytes() / 1e6:.1f} MB, {time.perf_counter() - start:.0f} s")
     print(json.dumps(store.manifest().get("timings", {})))
     return 0

@@ -108,8 +108,10 @@ def job_panel() -> None:
     if snap["state"] == "done":
         m = snap["metrics"]
         if m.get("initial_val_loss") is not None:
+            kept = (f" The run keeps step {m['kept_step']}'s prompt, of the best validation loss "
+                    f"({m['kept_val_loss']:.4f})." if "kept_step" in m else "")
             st.success(f"Validation loss {m['initial_val_loss']:.4f} -> {m['final_val_loss']:.4f} in "
-                       f"{m['train_seconds']:.0f} s of training. Run saved in `{snap['out_dir']}`.")
+                       f"{m['train_seconds']:.0f} s of training.{kept} Run saved in `{snap['out_dir']}`.")
         table = metrics_table(m)
         if table:
             st.dataframe(pd.DataFrame(table), hide_index=True, width="stretch")

@@ -102,8 +102,12 @@ else:
                "NAME` prints the same table.")
 
 st.subheader("The paper's claims on this model")
-value = st.selectbox("Quality measure", ["final_val_loss", "best_val_loss", "metric_value"], key="runs_value",
-                     help="metric_value: accuracy (MATH) or F1 (QA) on held-out examples, where the run measured it.")
+measures = [m for m in ("eval_answer_loss", "final_val_loss", "best_val_loss", "metric_value")
+            if m in table and pd.to_numeric(table[m], errors="coerce").notna().any()] or ["final_val_loss"]
+value = st.selectbox("Quality measure", measures, key="runs_value",
+                     help="eval_answer_loss: answer-token loss of the kept prompt on the held-out evaluation items "
+                          "(not the validation set it was chosen on); metric_value: accuracy (MATH) or F1 (QA) on "
+                          "the same items, where the run measured them.")
 scored = table.assign(**{value: pd.to_numeric(table[value], errors="coerce")}).dropna(subset=[value])
 if scored.empty:
     st.info(f"No chosen run has a {value}: runs trained with `--eval-n 0` measure no task metric.")

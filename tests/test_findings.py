@@ -61,6 +61,11 @@ def test_quality_needs_five_seeds_and_then_tests_equivalence():
     assert f["verdict"] == "agrees" and f["n"] == 12 and f["ci"][0] < f["effect"] < f["ci"][1]
     apart = _runs({"gaussian": list(1.5 + rng.normal(0, 0.005, 6)), "xavier": list(2.0 + rng.normal(0, 0.005, 6))})
     assert fd.quality_finding(apart)["verdict"] == "does not agree"
+    # with a held-out loss for every run, that is what is compared (the validation loss chose the kept prompt)
+    held_out = apart.assign(eval_answer_loss=1.5 + rng.normal(0, 0.005, len(apart)))
+    f = fd.quality_finding(held_out)
+    assert f["verdict"] == "agrees" and f["numbers"]["measure"] == "eval_answer_loss"
+    assert "held-out answer-token loss" in f["measured"]
 
 
 def test_speed_rank_correlation_with_ci():

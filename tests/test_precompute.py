@@ -15,8 +15,9 @@ from core.precompute import FULL, GALLERY_FORMAT, QUICK, Precompute, gallery_spe
 # predates it (its manifest has no gallery format, or a lower one) may lack exactly these and nothing else; the
 # quick build must hold all of them.
 ADDED_IN_FORMAT_2 = {
-    "run_json": {"converged", "stop_reason", "stop_rule"},
-    "runs.csv": {"steps_done", "converged", "stop_reason", "drift_rel_init", "drift_rel_nn_gap"},
+    "run_json": {"converged", "stop_reason", "stop_rule", "kept"},
+    "runs.csv": {"steps_done", "converged", "stop_reason", "drift_rel_init", "drift_rel_nn_gap", "kept_step",
+                 "eval_answer_loss", "eval_answer_loss_no_prompt"},
     "manifest": {"gallery"},
 }
 
@@ -72,6 +73,18 @@ def _without_format_2_additions(fmt: dict) -> dict:
         "tables": fmt["tables"] | {"runs.csv": ",".join(c for c in columns if c not in ADDED_IN_FORMAT_2["runs.csv"])},
         "manifest": [k for k in fmt["manifest"] if k not in ADDED_IN_FORMAT_2["manifest"]],
     }
+
+
+def test_gallery_on_two_workers_trains_the_same_runs(quick_store, tiny_lm, tmp_path):
+    pytest.importorskip("ray")
+    store = ArtifactStore(tmp_path / "two")
+    Precompute(tiny_lm, store, QUICK, "test --quick --workers 2", log=lambda _: None, workers=2).run(only=["gallery"])
+    record = json.loads((store.runs_root / "sweep.json").read_text())
+    assert record["backend"] == "ray" and record["counts"]["done"] == len(gallery_specs(QUICK))
+    for spec in gallery_specs(QUICK):
+        mine, theirs = (json.loads((s.runs_root / spec["name"] / "run.json").read_text())["history"]
+                        for s in (store, quick_store))
+        assert [h["val_loss"] for h in mine] == pytest.approx([h["val_loss"] for h in theirs], rel=1e-5), spec
 
 
 def test_quick_build_matches_the_committed_format(quick_store):

@@ -105,6 +105,34 @@ def test_cli_train_parses_prior_params():
         parser.parse_args(["--prior-param", "novalue"])
 
 
+def test_finished_run_keeps_its_best_validation_prompt_and_resumes_from_its_last(tiny_lm, tmp_path):
+    # training answers " seven" to questions whose validation answer is " three": the validation loss first
+    # falls (the answer's form) and then rises (the wrong word), the case early stopping is for
+    def ask(k: int, answer: str) -> SimpleNamespace:
+        return SimpleNamespace(prompt=f"Question: What is {k} plus 1?\nAnswer:", target=answer,
+                               answers=[answer.strip()], meta={})
+
+    data = ([ask(k, " seven") for k in range(12)], [ask(k, " three") for k in range(12, 16)], [])
+    cfg = dict(method="soft", steps=12, val_every=1, snapshot_every=1, plateau_patience=0, lr=0.5, layers=[])
+    init = _init(tiny_lm)["soft"]
+    best = train(tiny_lm, _config(**cfg), tmp_path / "best", init=init, examples=data)
+    vals = [h["val_loss"] for h in best.history]
+    best_step = min(range(len(vals)), key=vals.__getitem__)
+    assert 0 < best_step < 12, "precondition: the validation loss must be lowest between the first and last step"
+    run = load_run(tmp_path / "best")
+    assert run.info["kept"]["step"] == best_step and run.metrics["kept_val_loss"] == vals[best_step]
+    assert f"kept the prompt of step {best_step}" in run.info["message"]
+    torch.testing.assert_close(run.prompt["soft"], run.snapshots["soft"][best_step])
+    torch.testing.assert_close(best.prompt["soft"], run.prompt["soft"])
+    last = train(tiny_lm, _config(**cfg, keep="last"), tmp_path / "last", init=init, examples=data)
+    torch.testing.assert_close(last.prompt["soft"], run.snapshots["soft"][-1])  # same training, the last prompt
+    assert "kept" not in load_run(tmp_path / "last").info
+    # extending the finished run trains on from its last step, exactly as a run planned longer from the start
+    longer = train(tiny_lm, _config(**{**cfg, "steps": 14}), tmp_path / "best", examples=data, resume=True)
+    straight = train(tiny_lm, _config(**{**cfg, "steps": 14}), tmp_path / "straight", init=init, examples=data)
+    assert [h["val_loss"] for h in longer.history] == pytest.approx([h["val_loss"] for h in straight.history])
+
+
 def test_job_runs_in_background_and_cancels(tiny_lm, tmp_path):
     job_id = jobs.start_job(tiny_lm, _config(steps=3), tmp_path / "job", init=_init(tiny_lm), examples=DATA)
     job = jobs.get_job(job_id)

@@ -107,6 +107,16 @@ def headline_metric(metrics: dict) -> tuple[str, float | None, float | None]:
     return "", None, None
 
 
+def _eval_loss_columns(metrics: dict) -> dict:
+    """Answer-token loss on the held-out evaluation items, of the run's kept prompt and of no prompt (NaN when the
+    run was not evaluated): unlike the validation loss, the kept prompt was not selected on these items."""
+    ev = metrics.get("eval", {}) if isinstance(metrics, dict) else {}
+    def loss(kind: str) -> float:
+        value = (ev.get(kind) or {}).get("answer_loss")
+        return float(value) if value is not None else math.nan
+    return {"eval_answer_loss": loss("prompt"), "eval_answer_loss_no_prompt": loss("no_prompt")}
+
+
 def same_model(run: runs_mod.Run, lm) -> bool:  # noqa: ANN001
     """Whether the run was trained on the loaded model's weights (its vectors live in this model's space)."""
     return run.config.get("model_fingerprint") == lm.fingerprint
@@ -156,6 +166,8 @@ def runs_table(
     (bool: the plateau rule stopped it, `core.runs.run_converged`), stop_reason, initial and final val loss,
     best val loss, steps_to_loss (to `target_loss`; NaN when never reached; "auto": per method and dataset,
     the largest best loss of that group's runs, a loss every one of them reaches; None: not computed),
+    kept_step (the step whose prompt the run kept: its best validation, or its last step), eval_answer_loss and
+    eval_answer_loss_no_prompt (answer-token loss on the held-out evaluation items),
     target_loss, the task metric and its no-prompt baseline, and divergence of tensor `tensor` ("soft" by
     default: every run has one): collapsed_share (`core.analysis.divergence.collapsed`), within_nn_radius_share
     (the old Euclidean test, not collapse), median_nearest_cos, median_nearest_cos_centered,
@@ -186,6 +198,8 @@ def runs_table(
             "initial_val_loss": vals[0][1] if vals else math.nan,
             "final_val_loss": vals[-1][1] if vals else math.nan,
             "best_val_loss": min(v for _, v in vals) if vals else math.nan,
+            "kept_step": (run.info.get("kept") or {}).get("step", run.info.get("steps_done")),
+            **_eval_loss_columns(run.metrics),
             "steps_to_loss": math.nan, "metric": metric, "metric_value": tuned, "metric_no_prompt": base,
             "same_model": same_model(run, lm), "path": str(entry.path),
         }

@@ -24,7 +24,7 @@ from core.runs import run_info
 from core.sweep.record import read_sweep, sweep_of_run
 
 GROUP = ("method", "dataset", "prior")
-QUALITY = ("final_val_loss", "metric_value", "steps_to_loss")
+QUALITY = ("final_val_loss", "eval_answer_loss", "metric_value", "steps_to_loss")
 # divergence columns of the run table, whichever of them it holds (older stored tables name collapse differently)
 DIVERGENCE = ("collapsed_share", "init_collapsed_share", "collapse_score", "median_nearest_cos_centered",
               "collapse_score_cos", "median_manifold_ratio", "median_mahalanobis", "mean_drift_l2")

@@ -6,6 +6,7 @@ it builds from the trial's model spec (`load_trial_model`, cached per worker pro
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import traceback
@@ -31,7 +32,8 @@ class TrialOutcome:
 
 
 def load_trial_model(spec: dict):  # noqa: ANN201 - core.models.LoadedModel
-    """The model a trial names: {"name", "precision", "device"}; "tiny-llama" builds the tiny test model.
+    """The model a trial names: {"name", "precision", "device"}; "tiny-llama" (or "tiny-llama-4x64", the name
+    `core.models.tiny_llama` gives) builds the tiny test model.
 
     Cached per process, so a worker that runs several trials of one model loads it once.
     """
@@ -39,8 +41,9 @@ def load_trial_model(spec: dict):  # noqa: ANN201 - core.models.LoadedModel
 
     key = (spec.get("name"), spec.get("precision", "fp32"), spec.get("device", "auto"))
     if key not in _MODELS:
-        if key[0] == TINY_MODEL:
-            _MODELS[key] = tiny_llama()
+        tiny = re.fullmatch(rf"{TINY_MODEL}(?:-(\d+)x(\d+))?", str(key[0]))  # also the name tiny_llama() gives it
+        if tiny:
+            _MODELS[key] = tiny_llama(*(int(g) for g in tiny.groups() if g is not None))
         else:
             _MODELS[key] = load_model(key[0], precision=key[1], device=key[2])
     return _MODELS[key]

@@ -11,7 +11,11 @@ snapshots every `snapshot_every` steps, a checkpoint with the optimizer/schedule
 
 `steps` is a budget: the plateau stop (`plateau_patience`, `plateau_margin`) ends a run whose validation
 loss stopped improving, and run.json records `converged` (true only when that rule stopped it), `stop_reason`
-("plateau", "budget", "cancelled", "diverged") and `stop_rule` (the rule as text).
+("plateau", "budget", "cancelled", "diverged") and `stop_rule` (the rule as text). A finished run keeps the
+prompt of its best validation loss (`keep="best"`, early stopping; run.json "kept" says which step): at a
+constant rate the prompt keeps moving after the plateau, and the last step's validation loss was 1-13% above
+the best in the converged soft MATH runs. The checkpoint holds the last step's state, so a resume continues
+training from where it stopped.
 
 The run folder is claimed with `core.run_folders.claim_run_dir` (a lock held while training;
 an existing run only with resume or force). A loss that becomes non-finite or exceeds
@@ -91,6 +95,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the decoder layers for training steps (pays off from ~100 steps)
     soft: bool = True  # deep only: also train the token-level soft prompt (the paper's method)
     cached_activations: bool = True  # deep with soft=False: start each step at the first prompted block (cached)
+    keep: str = "best"  # a finished run's prompt: "best" (of the best validation loss) or "last" (the last step's)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -114,6 +119,8 @@ class TrainConfig:
             raise ValueError("soft=False (--no-soft) only applies to --method deep: a soft prompt is its soft vectors")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        if self.keep not in KEEP_CHOICES:
+            raise ValueError(f"keep must be one of {', '.join(KEEP_CHOICES)}; got {self.keep!r}")
         if int(self.plateau_patience) < 0:
             raise ValueError(f"plateau_patience must be 0 (no plateau stop) or more; got {self.plateau_patience!r}")
         if not 0 <= self.plateau_margin < 1:
@@ -168,6 +175,8 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+KEEP_CHOICES = ("best", "last")
+KEEP_RULE = "the prompt of the lowest validation loss (early stopping); the last step's stays in the checkpoint"
 DIVERGE_FACTOR = 3.0  # a loss above this multiple of the initial validation loss means the run diverged
 
 
@@ -338,6 +347,10 @@ class _Trainer:
         self.tokens = 0
         self.prior_info: dict = {}
         self.stop_reason: str | None = None  # set when the run stops: "plateau", "budget", "cancelled", "diverged"
+        self.best: dict | None = None  # {"step", "val_loss", "tensors"} of the best validation so far
+        self.kept: dict | None = None  # {"step", "val_loss", "rule"} once a finished run keeps its best prompt
+        self.last_tensors: dict[str, torch.Tensor] | None = None  # the last step's prompt while the best is kept
+        self.track_best = True
         if state is not None:
             self._restore(state)
         else:
@@ -345,6 +358,7 @@ class _Trainer:
             self.prompt.load_tensors(tensors)
             self._snapshot()
             self.history.append({"step": 0, "train_loss": None, "val_loss": self.validate()})
+            self.note_validation(self.history[-1]["val_loss"])
             self.save(status="running")
 
     # -- pieces -------------------------------------------------------------------------------------------
@@ -391,6 +405,21 @@ class _Trainer:
             count += batch.n_answer
         return total / max(count, 1)
 
+    def note_validation(self, val_loss: float) -> None:
+        """Remember the prompt if `val_loss` (just measured at this step) is the best so far."""
+        if self.track_best and (self.best is None or val_loss < self.best["val_loss"]):
+            self.best = {"step": self.step, "val_loss": val_loss, "tensors": self.prompt.tensors()}
+
+    def keep_best(self) -> None:
+        """Load the best-validation prompt (the run's result); the last step's prompt stays in the checkpoint."""
+        best = self.best
+        if best is None:
+            return
+        self.kept = {"step": best["step"], "val_loss": best["val_loss"], "rule": KEEP_RULE}
+        if best["step"] != self.step:
+            self.last_tensors = self.prompt.tensors()
+            self.prompt.load_tensors(best["tensors"])
+
     def train_step(self) -> float:
         batches = self.batches_for_step(self.step + 1)
         n_answer = sum(b.n_answer for b in batches)
@@ -436,7 +465,8 @@ class _Trainer:
         runs.write_tensors(out / runs.PROMPT_FILE, self.prompt.tensors())
         runs.write_tensors(out / runs.SNAPSHOT_FILE, {k: torch.stack(v) for k, v in self.snapshots.items()})
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": torch.get_rng_state(), "prompt": self.prompt.tensors(), "history": self.history,
+                 "rng": torch.get_rng_state(), "prompt": self.last_tensors or self.prompt.tensors(),
+                 "best": self.best, "history": self.history,
                  "snapshot_steps": self.snapshot_steps, "snapshots": self.snapshots, "elapsed": self.elapsed,
                  "tokens": self.tokens, "prior_info": self.prior_info, "train_config": self.config.to_dict(),
                  "extended": self.extended, "lr_scales": self.lr_scales}
@@ -452,6 +482,7 @@ class _Trainer:
             "converged": self.stop_reason == "plateau", "stop_reason": self.stop_reason,
             "stop_rule": plateau_rule(self.config.plateau_margin, self.config.plateau_patience,
                                       self.config.val_every, self.config.steps),
+            **({"kept": self.kept} if self.kept else {}),
             **({"diverged": self.diverged} if self.diverged else {}),
             **({"extended": self.extended} if self.extended else {}),
         })
@@ -461,8 +492,9 @@ class _Trainer:
                  "model_fingerprint": runs.read_run_json(self.out_dir)["config"].get("model_fingerprint")}
         mine = {**self.config.to_dict(), "model_fingerprint": self.lm.fingerprint}
         extend = self._extension(saved, mine, state["step"])
-        ignored = ("eval_n", "steps", "warmup_steps") + (("scale_deep_lr",) if mine["method"] != "deep" else ())
-        keys = [k for k in mine if k not in ignored]  # eval_n leaves the prompt alone; a soft prompt has no deep rate
+        ignored = ("eval_n", "steps", "warmup_steps", "keep") + (("scale_deep_lr",) if mine["method"] != "deep" else ())
+        # eval_n and keep leave the training alone; a soft prompt has no deep rate
+        keys = [k for k in mine if k not in ignored]
         diff = {k: (saved.get(k), mine.get(k)) for k in keys if saved.get(k) != mine.get(k)}
         if diff:
             raise ValueError(f"cannot resume {self.out_dir}: its config differs in {diff} (saved, asked); "
@@ -475,6 +507,8 @@ class _Trainer:
         self.snapshot_steps, self.snapshots = state["snapshot_steps"], state["snapshots"]
         self.elapsed, self.tokens, self.prior_info = state["elapsed"], state["tokens"], state["prior_info"]
         self.extended = list(state.get("extended", []))
+        # a checkpoint from before best prompts were tracked cannot know its best: such a run keeps its last prompt
+        self.best, self.track_best = state.get("best"), "best" in state
         if extend:
             # The linear decay is re-planned over the new total: the next update uses the rate the new plan gives
             # at this step (not the old plan's rate, which reached ~0 at its end). The first `steps_before`
@@ -584,6 +618,7 @@ def _train(lm, config: TrainConfig, out_dir: Path, *, init: torch.Tensor | dict 
             report(train_loss, val)
             break
         if val is not None:
+            trainer.note_validation(val)
             plateau = trainer.plateaued()
             trainer.save(status="running")
         report(train_loss, val)
@@ -595,7 +630,12 @@ def _train(lm, config: TrainConfig, out_dir: Path, *, init: torch.Tensor | dict 
                    + (" before the plateau stop" if cfg.plateau_patience > 0 else " (no plateau stop)"))
     trainer.stop_reason = "plateau" if plateau else {"done": "budget"}.get(status, status)
     if trainer.snapshot_steps[-1] != trainer.step:
-        trainer._snapshot()
+        trainer._snapshot()  # the trajectory ends at the last step's prompt
+    if status == "done" and cfg.keep == "best":
+        trainer.keep_best()
+        if trainer.kept is not None:
+            message += (f"; kept the prompt of step {trainer.kept['step']} (best validation loss "
+                        f"{trainer.kept['val_loss']:.4f})")
     metrics = _loss_metrics(trainer)
     trainer.save(status=status if status != "done" else "evaluating", message=message, metrics=metrics)
     if status == "done" and evaluate and cfg.eval_n > 0 and trainer.eval_examples:
@@ -623,6 +663,8 @@ def _loss_metrics(trainer: _Trainer) -> dict:
         out["val_loss_reduction"] = 1 - vals[-1] / vals[0]
     out["best_val_loss"] = min(vals) if vals else None
     out["steps_done"] = trainer.step
+    if trainer.kept is not None:  # the prompt the run keeps, which drift, the evaluation and prompt.safetensors use
+        out["kept_step"], out["kept_val_loss"] = trainer.kept["step"], trainer.kept["val_loss"]
     init = {name: snaps[0] for name, snaps in trainer.snapshots.items() if snaps}
     out["drift"] = prompt_drift(trainer.prompt.tensors(), init, _token_nn_gap(trainer.lm))
     out["token_nn_gap"] = _token_nn_gap(trainer.lm)
