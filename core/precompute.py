@@ -52,6 +52,10 @@ SOFT_MATH_PRIORS = ("gaussian", "gaussian_tokens", "xavier", "fitted", "exclusio
 SOFT_QA_PRIORS = ("gaussian", "fitted", "exclusion", "vae")  # near the origin, on the fit, off it, a learned fit
 DEEP_PRIORS = ("gaussian", "fitted", "interpolation")
 GALLERY_FORMAT = 2  # 2: converged runs (constant lr, plateau stop, run.json `converged`); 1: fixed short schedules
+# Tokens of prompt + answer. Every QA row is longer (median 594 tokens); fit_to_length cuts its passage to a window
+# around the answer, keeping the question. 192 has a quarter fewer tokens per QA step than 256 (7.8 s per step
+# on one core), to fit the gallery's 12 QA runs into a sitting.
+MAX_LENGTH = {"math": 320, "squad": 192}
 EXCLUSION_WIDENING = 1.21  # c_dim, 10% wider per axis; the paper's c=5 gives 1.0056 at d=576, nearly the fit itself
 
 
@@ -158,6 +162,7 @@ def gallery_record(budget: Budget) -> dict:
                  "paper's deep method also trains a token-level soft prompt" if not budget.deep_soft else
                  "deep vectors and a token-level soft prompt, as in the paper"),
         "eval_n": {"math": budget.math_eval_n, "squad": budget.qa_eval_n},
+        "max_length": MAX_LENGTH,
         "exclusion_widening": EXCLUSION_WIDENING,
     }
 
@@ -183,7 +188,7 @@ def gallery_sweep(budget: Budget, model: str = DEFAULT_MODEL) -> tuple:
             "batch-size": budget.math_batch if is_math else budget.qa_batch,
             "eval-n": budget.math_eval_n if is_math else budget.qa_eval_n,
             "snapshot-every": budget.deep_snapshot_every if deep else budget.snapshot_every,
-            "max-length": 320 if is_math else 256,
+            "max-length": MAX_LENGTH[spec["dataset"]],
         }
         if deep and not budget.deep_soft:
             trial["soft"] = False  # TrainConfig field (CLI --no-soft): the cached-activation path
@@ -338,7 +343,8 @@ class Precompute:
 
         soft = [p for p in self._gallery_paths() if p.name.startswith("soft-")]
         with _fraction_bar("transfer") as progress:
-            table = transfer_matrix(self.lm, soft, n=self.budget.transfer_n, progress=progress)
+            table = transfer_matrix(self.lm, soft, n=self.budget.transfer_n, max_length=MAX_LENGTH,
+                                    progress=progress)
         table["path"] = [str(Path(p).relative_to(self.store.root)) for p in table["path"]]
         self.store.save_table("transfer", table)
 
@@ -430,5 +436,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["FULL", "GALLERY_FORMAT", "QUICK", "Budget", "Precompute", "gallery_record", "gallery_specs",
+__all__ = ["FULL", "GALLERY_FORMAT", "MAX_LENGTH", "QUICK", "Budget", "Precompute", "gallery_record", "gallery_specs",
            "gallery_sweep"]

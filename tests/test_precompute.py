@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from core.artifacts import ArtifactStore
-from core.precompute import FULL, GALLERY_FORMAT, QUICK, Precompute, gallery_specs, gallery_sweep
+from core.precompute import FULL, GALLERY_FORMAT, MAX_LENGTH, QUICK, Precompute, gallery_specs, gallery_sweep
 
 # What the convergence format (gallery format 2) added to the artifacts of format 1. A committed gallery that
 # predates it (its manifest has no gallery format, or a lower one) may lack exactly these and nothing else; the
@@ -115,6 +115,7 @@ def test_gallery_plan_is_issue_11s():
         config = trial.config
         assert config["schedule"] == "constant" and config["plateau_patience"] > 0 and config["lr"] == 0.03
         assert config["steps"] >= 300  # a budget, not a schedule: converged runs stop at ~110-120 (soft MATH)
+        assert config["max_length"] == MAX_LENGTH[config["dataset"]]  # QA passages cut around the answer
         if config["dataset"] == "math":
             assert config["eval_n"] >= 200
         if config["method"] == "deep":

@@ -64,10 +64,11 @@ def transfer_matrix(
     n: int = 32,
     seed: int = 1234,
     compute: str = "auto",
-    max_length: int = 320,
+    max_length: int | dict[str, int] = 320,
     progress: Callable[[float], None] | None = None,
 ) -> pd.DataFrame:
-    """Every run's prompt scored on every dataset's held-out examples (validation split, `n` examples, `seed`).
+    """Every run's prompt scored on every dataset's held-out examples (validation split, `n` examples, `seed`),
+    encoded as in training at `max_length` tokens (or {dataset: tokens}, each task at the length it was trained).
 
     Returns a long table: run, path, trained_on, prior, evaluated_on, loss, no_prompt_loss,
     own_loss (the loss of the prompt trained on `evaluated_on` with the same prior, method and seed when one
@@ -85,12 +86,13 @@ def transfer_matrix(
             raise ValueError(f"run {run.path.name} was trained on other weights ({run.config.get('model_fingerprint')})"
                              f"; transfer needs runs of the loaded model {lm.fingerprint}")
     examples = {d: load_examples(d, split="validation", n=n, seed=seed) for d in datasets}
-    baseline = {d: prompt_loss(lm, None, examples[d], compute=compute, max_length=max_length) for d in datasets}
+    length = {d: max_length[d] if isinstance(max_length, dict) else max_length for d in datasets}
+    baseline = {d: prompt_loss(lm, None, examples[d], compute=compute, max_length=length[d]) for d in datasets}
     rows, total, done = [], len(loaded) * len(datasets), 0
     for run in loaded:
         prompt = prompt_from_run(run, lm)
         for d in datasets:
-            loss = prompt_loss(lm, prompt, examples[d], compute=compute, max_length=max_length)
+            loss = prompt_loss(lm, prompt, examples[d], compute=compute, max_length=length[d])
             rows.append({"run": run.path.name, "path": str(run.path), "trained_on": run.config.get("dataset"),
                          "method": run.config.get("method"), "prior": run.config.get("prior"),
                          "seed": run.config.get("seed"), "evaluated_on": d, "loss": loss,
