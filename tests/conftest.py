@@ -17,3 +17,15 @@ def tiny_lm() -> LoadedModel:
 def real_lm() -> LoadedModel:
     """The embedded SmolLM2-135M-Instruct in fp32 on the CPU."""
     return load_model("smollm2-135m", precision="fp32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs on 127.0.0.1, shared by the tests that use one (its start and its workers'
+    imports cost seconds), shut down after the last test."""
+    from core.sweep.backends.ray import init_ray
+
+    ray = pytest.importorskip("ray")
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
