@@ -56,6 +56,9 @@ GALLERY_FORMAT = 2  # 2: converged runs (constant lr, plateau stop, run.json `co
 # around the answer, keeping the question. 192 has a quarter fewer tokens per QA step than 256 (7.8 s per step
 # on one core), to fit the gallery's 12 QA runs into a sitting.
 MAX_LENGTH = {"math": 320, "squad": 192}
+# Budget fields of the tasks that do not read the gallery; the rest plan the gallery and what is made from it.
+NON_GALLERY_BUDGET = ("sep_docs", "sep_layers", "traj_texts")
+FROM_GALLERY = ("runs_table", "transfer", "interpolation", "interpolation_view", "findings")
 EXCLUSION_WIDENING = 1.21  # c_dim, 10% wider per axis; the paper's c=5 gives 1.0056 at d=576, nearly the fit itself
 
 
@@ -209,13 +212,28 @@ class Precompute:
         self.task_compute: dict[str, str] = dict(store.manifest().get("compute_by_task", {}))
 
     # ---- bookkeeping ---------------------------------------------------------------------
-    def _check_manifest(self) -> None:
+    def _check_manifest(self, force: list[str]) -> None:
+        """Refuse artifacts of another model, or of another budget, unless only the gallery's part of the budget
+        changed and this build rebuilds everything made from the gallery (the gallery task itself resumes, and
+        refuses runs trained to another plan)."""
         manifest = self.store.manifest()
-        if manifest and (manifest.get("model_fingerprint") != self.lm.fingerprint
-                         or manifest.get("budget") != self._budget_record()):
-            raise SystemExit(
-                f"{self.store.root} holds artifacts built for another model or budget "
-                f"({manifest.get('model_fingerprint')}); remove the folder or pass --out to build elsewhere")
+        if not manifest:
+            return
+        stored, mine = manifest.get("budget") or {}, self._budget_record()
+        other = "remove the folder or pass --out to build elsewhere"
+        if manifest.get("model_fingerprint") != self.lm.fingerprint:
+            raise SystemExit(f"{self.store.root} holds artifacts built for another model "
+                             f"({manifest.get('model_fingerprint')}); {other}")
+        if stored == mine:
+            return
+        outside = sorted(k for k in set(stored) | set(mine) if k in NON_GALLERY_BUDGET and stored.get(k) != mine.get(k))
+        if outside:
+            raise SystemExit(f"{self.store.root} holds artifacts built with another budget ({', '.join(outside)}); "
+                             f"{other}")
+        missing = [t for t in FROM_GALLERY if t not in force]
+        if missing:
+            raise SystemExit(f"{self.store.root} holds a gallery built to another plan: rebuild what is made from it "
+                             f"with --force {' '.join(FROM_GALLERY)} (the runs folder must hold runs of this plan)")
 
     def _budget_record(self) -> dict:
         """The budget as the manifest stores it (JSON types), to compare with a saved one."""
@@ -374,7 +392,7 @@ class Precompute:
              "transfer", "interpolation", "interpolation_view", "findings", "activations_view")
 
     def run(self, only: list[str] | None = None, force: list[str] | None = None) -> None:
-        self._check_manifest()
+        self._check_manifest(list(force or []))
         done = list(self.store.manifest().get("tasks_done", []))
         tasks = [t for t in self.TASKS if not only or t in only]
         for name in tqdm(tasks, desc="precompute", unit="task"):

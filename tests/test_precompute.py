@@ -139,3 +139,26 @@ def test_second_run_resumes_without_recomputing(quick_store, tiny_lm, monkeypatc
 def test_artifacts_for_other_weights_are_refused(quick_store, real_lm):
     usable, message = quick_store.status(real_lm.fingerprint)
     assert not usable and "not the loaded" in message
+
+
+def test_a_new_gallery_plan_lands_only_with_everything_made_from_it_rebuilt(quick_store, tiny_lm, tmp_path):
+    import shutil
+
+    from core.precompute import FROM_GALLERY
+
+    store = ArtifactStore(tmp_path / "art")
+    shutil.copytree(quick_store.root, store.root)
+    longer = dataclasses.replace(QUICK, math_steps=QUICK.math_steps + 1)
+    build = Precompute(tiny_lm, store, longer, "test --quick", log=lambda _: None)
+    with pytest.raises(SystemExit, match="--force " + " ".join(FROM_GALLERY)):
+        build.run()
+    with pytest.raises(ValueError, match="other settings"):  # the old runs are of the old plan
+        build.run(force=list(FROM_GALLERY))
+    shutil.rmtree(store.runs_root)  # landing a new gallery: its runs replace the old ones
+    build.run(force=list(FROM_GALLERY))
+    manifest = store.manifest()
+    assert manifest["budget"]["math_steps"] == QUICK.math_steps + 1
+    assert json.loads((store.runs_root / "soft-math-gaussian-s0" / "run.json").read_text())["steps_done"] <= 4
+    other = dataclasses.replace(QUICK, sep_docs=QUICK.sep_docs + 1)  # not the gallery's part: refused
+    with pytest.raises(SystemExit, match="another budget"):
+        Precompute(tiny_lm, store, other, "test", log=lambda _: None).run(force=list(FROM_GALLERY))
