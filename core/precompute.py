@@ -226,7 +226,7 @@ class Precompute:
                              f"({manifest.get('model_fingerprint')}); {other}")
         if stored == mine:
             return
-        outside = sorted(k for k in set(stored) | set(mine) if k in NON_GALLERY_BUDGET and stored.get(k) != mine.get(k))
+        outside = [k for k in NON_GALLERY_BUDGET if stored.get(k) != mine.get(k)]
         if outside:
             raise SystemExit(f"{self.store.root} holds artifacts built with another budget ({', '.join(outside)}); "
                              f"{other}")
