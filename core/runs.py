@@ -16,7 +16,7 @@ Statuses (run.json "status", as `run_info` reports it):
     evaluating   training done, measuring task metrics
     done         finished
     cancelled    stopped on request (Ctrl-C, SIGTERM, the page's Cancel); resumable
-    diverged     a loss became non-finite or grew past DIVERGE_FACTOR x the initial validation loss;
+    diverged     a loss became non-finite or the validation loss grew past DIVERGE_FACTOR x its initial value;
                  run.json["diverged"] = {"step", "reason", ...}
 
 A finished run also says why it stopped: run.json "converged" (true only when the plateau rule stopped it;

@@ -201,6 +201,19 @@ def test_divergence_is_marked_with_its_step(tiny_lm, tmp_path, monkeypatch):
     assert nonfinite.status == "diverged" and "non-finite" in run_info(tmp_path / "nan").note
 
 
+def test_one_spiking_training_batch_does_not_stop_a_run(tiny_lm, tmp_path, monkeypatch):
+    real_step = trainer_mod._Trainer.train_step
+
+    def spiking(self):  # noqa: ANN001, ANN202 - step 2's batch loss as a transient spike, 100x any real loss
+        loss = real_step(self)
+        return 1000.0 if self.step == 2 else loss
+
+    monkeypatch.setattr(trainer_mod._Trainer, "train_step", spiking)
+    result = _train(tiny_lm, tmp_path / "spike", steps=4, val_every=2, plateau_patience=0)
+    assert result.status == "done" and "diverged" not in json.loads((tmp_path / "spike" / "run.json").read_text())
+    assert [h["train_loss"] for h in result.history][2] == 1000.0 and result.history[-1]["step"] == 4
+
+
 def test_run_files_get_the_umask_permissions(tiny_lm, tmp_path):
     old = os.umask(0o022)
     try:
