@@ -407,13 +407,26 @@ def test_progress_is_reported_while_activations_are_computed(tiny_lm, tmp_path, 
         path.mkdir(exist_ok=True)
         return path
 
-    monkeypatch.setattr(core.activations, "cache_subdir", fresh)
-    monkeypatch.setattr(core.priors.fit, "cache_subdir", fresh)
+    monkeypatch.setattr(core.activations, "cache_subdir", fresh)  # the fits' cache is one of the activations'
     clear_memory_cache()
     seen = []
     make_prior("fitted", lm=tiny_lm, source="math", layer=2, n_docs=4, progress=seen.append)
     assert seen and seen[-1] == pytest.approx(1.0)
     make_prior("gaussian", lm=tiny_lm, progress=seen.append)  # needs no activations: accepted, unused
+    clear_memory_cache()
+
+
+def test_a_damaged_fit_cache_is_set_aside_and_the_fit_recomputed(tiny_lm, tmp_path, monkeypatch):
+    import core.activations
+
+    monkeypatch.setattr(core.activations, "cache_subdir", lambda name: (tmp_path / name).mkdir(exist_ok=True)
+                        or tmp_path / name)
+    clear_memory_cache()
+    first = fitted_gaussian(tiny_lm)
+    (tmp_path / "priors" / "cache.db").write_bytes(b"this is not sqlite" * 100)  # as after a crash mid-write
+    clear_memory_cache()
+    again = fitted_gaussian(tiny_lm)
+    assert torch.equal(again.chol, first.chol) and list(tmp_path.glob("priors.damaged-*"))
     clear_memory_cache()
 
 

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from core.models import LoadedModel
-from core.paths import cache_subdir
 from core.priors.base import COVARIANCES, MIN_FIT_POINTS, check_source, resolve_layer
 
 FORMAT_VERSION = 1
@@ -252,11 +251,11 @@ def fit_key(
 
 
 def disk_cache():  # noqa: ANN201 - diskcache.Cache
-    """The priors' disk cache (fits, trained VAEs) under cache_subdir("priors"), least recently used out first."""
-    import diskcache
+    """The priors' disk cache (fits, trained VAEs) under cache_subdir("priors"): the activations' bounded cache
+    (least recently used out first, a damaged index started afresh), with its own size limit."""
+    from core.activations import disk_cache as bounded_cache
 
-    limit = int(float(os.environ.get("PRIOR_LAB_PRIOR_CACHE_GB", "1")) * 2**30)
-    return diskcache.Cache(str(cache_subdir("priors")), size_limit=limit, eviction_policy="least-recently-used")
+    return bounded_cache("priors", size_limit=int(float(os.environ.get("PRIOR_LAB_PRIOR_CACHE_GB", "1")) * 2**30))
 
 
 def fitted_gaussian(
