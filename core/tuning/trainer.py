@@ -611,7 +611,7 @@ def _train(lm, config: TrainConfig, out_dir: Path, *, init: torch.Tensor | dict 
         initial = trainer.history[0]["val_loss"] if trainer.history else None
         # Judged on the validation set, not one training batch: a batch can spike and recover (deep prompts from
         # a token-scale gaussian, whose init the activation-scaled rate overwrites in the first steps, reached
-        # 3-4.5x on single batches in the gallery). A non-finite training loss stops at once (NonFiniteLoss).
+        # up to 8x on single batches in the gallery, then converged). A non-finite training loss stops at once.
         reason = divergence(val, initial, "validation") if val is not None else None
         if reason:
             status = "diverged"
