@@ -117,11 +117,12 @@ def collapse_pair(runs: pd.DataFrame | None) -> dict:
         return {**out, "status": PAIR, "pair": pair,
                 "statement": f"prior {most}'s prompt collapses and prior {least}'s does not."}
     if collapses.empty:
-        statement = (f"no prior's prompt collapsed in these runs (largest final share {top['final']:.2f} "
-                     f"for prior {top['prior']}, {_fmt(top['step0'])} at step 0).")
         # A prior that starts collapsed (vocab: prompts initialised on token embeddings) and ends clear shows
         # training moving prompts away from the tokens, the opposite of collapse: say so.
         left = per[(per["step0"] >= COLLAPSES_AT) & (per["final"] <= CLEAR_AT)]
+        start = "" if len(left) else f", {_fmt(top['step0'])} at step 0"  # said below when some prior left
+        statement = (f"no prior's prompt collapsed in these runs (largest final share {top['final']:.2f} "
+                     f"for prior {top['prior']}{start}).")
         if len(left):
             started = ", ".join(f"{r.prior} ({r.step0:.2f} at step 0, {r.final:.2f} trained)"
                                 for r in left.itertuples())

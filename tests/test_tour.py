@@ -60,8 +60,9 @@ def test_none_collapses_says_so_with_the_largest_share():
 def test_none_collapses_says_when_training_moved_a_collapsed_start_away_from_the_tokens():
     out = tour.collapse_pair(_runs({"gaussian": (0.0, [0.0, 0.0]), "vocab": (1.0, [0.0, 0.05])}))
     assert out["status"] == tour.NONE_COLLAPSES
-    assert out["statement"].endswith("Prompts that started collapsed left the tokens: vocab (1.00 at step 0, "
-                                     "0.03 trained).")
+    assert out["statement"] == ("no prior's prompt collapsed in these runs (largest final share 0.03 for prior "
+                                "vocab). Prompts that started collapsed left the tokens: vocab (1.00 at step 0, "
+                                "0.03 trained).")
 
 
 def test_every_prior_collapsing_and_none_clear():
