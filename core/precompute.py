@@ -60,6 +60,10 @@ MAX_LENGTH = {"math": 320, "squad": 192}
 NON_GALLERY_BUDGET = ("sep_docs", "sep_layers", "traj_texts")
 FROM_GALLERY = ("runs_table", "transfer", "interpolation", "interpolation_view", "findings")
 EXCLUSION_WIDENING = 1.21  # c_dim, 10% wider per axis; the paper's c=5 gives 1.0056 at d=576, nearly the fit itself
+# The gallery's build in progress, committed as it grows: on a 2-core CPU it takes 12-13 worker-hours, more than a
+# sitting, and a build in a gitignored folder is lost with the checkout. Each sitting resumes it (README "The gallery
+# and its compute plan"); when every run is done, its runs replace artifacts/runs and the folder is removed.
+GALLERY_BUILD = REPO_ROOT / "artifacts" / "gallery-next"
 
 
 @dataclass(frozen=True)
@@ -454,5 +458,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["FULL", "GALLERY_FORMAT", "MAX_LENGTH", "QUICK", "Budget", "Precompute", "gallery_record", "gallery_specs",
-           "gallery_sweep"]
+__all__ = ["FULL", "GALLERY_BUILD", "GALLERY_FORMAT", "MAX_LENGTH", "QUICK", "Budget", "Precompute", "gallery_record",
+           "gallery_specs", "gallery_sweep"]

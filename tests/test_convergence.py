@@ -165,6 +165,8 @@ def test_runs_table_has_converged_and_old_runs_read_as_not_converged(tiny_lm, tm
     assert table.loc["new", "converged"] and not table.loc["old", "converged"]
     assert table.loc["new", "steps_done"] == 2 and table.loc["new", "drift_rel_init"] > 0
     assert table["drift_rel_init"].isna().sum() == 1  # the old run recorded no drift
+    # the dtype each run trained in: a gallery built over sittings on several machines may mix them
+    assert set(table["compute"]) == {runs.read_run_json(tmp_path / "new")["config"]["compute_resolved"]} == {"fp32"}
 
 
 def test_old_checkpoint_resumes_only_with_the_old_training_rules(tiny_lm, tmp_path):

@@ -162,7 +162,9 @@ def runs_table(
     progress: Callable[[float], None] | None = None,
     stored: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """One row per run: run, origin, method, dataset, prior, lr, seed, steps (the budget), steps_done, converged
+    """One row per run: run, origin, method, dataset, prior, lr, seed, steps (the budget), compute (the dtype the
+    run trained in, run.json `compute_resolved`: a gallery built over sittings on several machines may mix them;
+    None for runs from before it was recorded), steps_done, converged
     (bool: the plateau rule stopped it, `core.runs.run_converged`), stop_reason, initial and final val loss,
     best val loss, steps_to_loss (to `target_loss`; NaN when never reached; "auto": per method and dataset,
     the largest best loss of that group's runs, a loss every one of them reaches; None: not computed),
@@ -192,6 +194,7 @@ def runs_table(
             "run": entry.info.name, "origin": entry.origin, "method": run.config.get("method"),
             "dataset": run.config.get("dataset"), "prior": run.config.get("prior"),
             "lr": run.config.get("lr"), "seed": run.config.get("seed"), "steps": run.config.get("steps"),
+            "compute": run.config.get("compute_resolved"),
             "steps_done": run.info.get("steps_done", vals[-1][0] if vals else 0),
             "converged": runs_mod.run_converged(run.info), "stop_reason": run.info.get("stop_reason"),
             **_drift_columns(run.metrics, tensor),
