@@ -203,6 +203,19 @@ def gallery_sweep(budget: Budget, model: str = DEFAULT_MODEL) -> tuple:
     return plan_trials(options, trials=trials)
 
 
+def prune_done_checkpoints(runs_root: Path = GALLERY_BUILD / "runs") -> list[str]:
+    """Remove the checkpoint of every done trial of the gallery sweep in `runs_root` (resume state, ~0.5 MB a run:
+    the gallery keeps prompts, snapshots and run.json); stopped trials keep theirs, so the build resumes them.
+    Returns the trials pruned. Run before committing a build in progress, and when the gallery is done."""
+    from core.runs import CHECKPOINT_FILE
+    from core.sweep.record import read_sweep
+
+    done = [t["name"] for t in read_sweep(runs_root)["trials"] if t.get("status") == "done"]
+    for name in done:
+        (runs_root / name / CHECKPOINT_FILE).unlink(missing_ok=True)
+    return done
+
+
 class Precompute:
     """Runs the tasks against one artifacts folder, skipping what is already built."""
 
@@ -347,8 +360,7 @@ class Precompute:
             raise RuntimeError("gallery runs not done: " + "; ".join(
                 f"{t['name']} {t['status']}: {(t.get('error') or t.get('note') or '').splitlines()[0:1]}"
                 for t in failed))
-        for trial in result.record["trials"]:  # resume state is not needed once done
-            (self.store.runs_root / trial["name"] / "checkpoint.pt").unlink(missing_ok=True)
+        prune_done_checkpoints(self.store.runs_root)
 
     def _gallery_paths(self) -> list[Path]:
         return [self.store.runs_root / s["name"] for s in gallery_specs(self.budget)]
@@ -459,4 +471,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 __all__ = ["FULL", "GALLERY_BUILD", "GALLERY_FORMAT", "MAX_LENGTH", "QUICK", "Budget", "Precompute", "gallery_record",
-           "gallery_specs", "gallery_sweep"]
+           "gallery_specs", "gallery_sweep", "prune_done_checkpoints"]

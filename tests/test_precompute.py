@@ -19,6 +19,7 @@ from core.precompute import (
     Precompute,
     gallery_specs,
     gallery_sweep,
+    prune_done_checkpoints,
 )
 
 # What the convergence format (gallery format 2) added to the artifacts of format 1. A committed gallery that
@@ -151,6 +152,20 @@ def test_committed_gallery_build_resumes_under_todays_plan():
     for name in done:
         run = json.loads((root / name / "run.json").read_text())
         assert run["status"] == "done" and isinstance(run["converged"], bool), name
+
+
+def test_pruning_keeps_the_checkpoints_a_resumed_build_needs(tmp_path):
+    from core.runs import CHECKPOINT_FILE
+    from core.sweep.record import write_sweep
+
+    for name in ("done-run", "stopped-run"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / CHECKPOINT_FILE).write_bytes(b"state")
+    write_sweep(tmp_path, {"name": "gallery", "trials": [{"name": "done-run", "status": "done"},
+                                                         {"name": "stopped-run", "status": "pending"}]})
+    assert prune_done_checkpoints(tmp_path) == ["done-run"]
+    assert not (tmp_path / "done-run" / CHECKPOINT_FILE).exists()
+    assert (tmp_path / "stopped-run" / CHECKPOINT_FILE).exists()
 
 
 def test_second_run_resumes_without_recomputing(quick_store, tiny_lm, monkeypatch):
