@@ -139,11 +139,14 @@ def test_committed_gallery_build_resumes_under_todays_plan():
     """The gallery build in progress (committed between sittings) is of today's plan, so the next sitting's
     `precompute --out artifacts/gallery-next --only gallery` resumes it rather than refusing it; each run it holds
     as done has a readable run.json that says whether it converged."""
+    from core.locks import lock_holder
     from core.sweep.engine import plan
 
     root = GALLERY_BUILD / "runs"
     if not (root / "sweep.json").is_file():
         pytest.skip("no gallery build in progress in this checkout")
+    holder = lock_holder(root)  # a lock from another host (committed by mistake) would stop every later build
+    assert holder is None or holder.alive, f"{root} holds a lock of {holder.describe()}"
     spec, trials = gallery_sweep(FULL)
     record, to_run = plan(root, trials, spec, backend={"name": "local"}, retry_failed=False)
     assert [t["name"] for t in record["trials"]] == [t.name for t in trials]
