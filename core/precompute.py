@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -216,6 +217,24 @@ def prune_done_checkpoints(runs_root: Path = GALLERY_BUILD / "runs") -> list[str
     return done
 
 
+def gallery_compute(runs_root: Path) -> dict:
+    """Where and how long the gallery in `runs_root` trained: worker-hours (the sum of its trials' seconds, from
+    sweep.json; a build spread over sittings adds them up) and its runs per device and compute reason (run.json),
+    since a build resumed on another machine may train its later runs differently."""
+    from core.runs import read_run_json
+    from core.sweep.record import read_sweep
+
+    trials = read_sweep(runs_root)["trials"] if (runs_root / "sweep.json").is_file() else []
+    where: dict[str, int] = {}
+    for trial in trials:
+        if trial.get("status") == "done" and (runs_root / trial["name"] / "run.json").is_file():
+            config = read_run_json(runs_root / trial["name"]).get("config", {})
+            key = f"{config.get('device', '?')}: {config.get('compute_reason', config.get('compute_resolved', '?'))}"
+            where[key] = where.get(key, 0) + 1
+    return {"worker_hours": round(sum(t.get("seconds") or 0.0 for t in trials) / 3600, 2),
+            "runs_done": sum(t.get("status") == "done" for t in trials), "runs_by_compute": where}
+
+
 class Precompute:
     """Runs the tasks against one artifacts folder, skipping what is already built."""
 
@@ -275,7 +294,7 @@ class Precompute:
             "compute_by_task": {t: self.task_compute.get(t, previous.get("compute", {}).get("reason", "unknown"))
                                 for t in done},
             "seeds": sorted({s["seed"] for s in gallery_specs(self.budget)}),
-            "gallery": gallery_record(self.budget),
+            "gallery": gallery_record(self.budget) | {"built": gallery_compute(self.store.runs_root)},
             # the command that built the artifacts, and every later one that touched them
             "command": previous.get("command", self.command),
             "commands": [*previous.get("commands", []), self.command][-20:],
@@ -404,6 +423,32 @@ class Precompute:
 
         save_activations_view(self.store, self.lm, self.command)
 
+    def land_gallery(self, build: Path = GALLERY_BUILD) -> None:
+        """Land a finished gallery build: the runs of `build`/runs (every run of this budget's plan done) replace the
+        store's, everything made from them is rebuilt (FROM_GALLERY), and the build folder is removed. Refused, with
+        what is left to train, while any run is not done; nothing is moved then."""
+        from core.sweep.record import read_sweep
+
+        runs_root = build / "runs"
+        if not (runs_root / "sweep.json").is_file():
+            raise SystemExit(f"{runs_root} holds no gallery build (no sweep.json); start one with "
+                             f"`python -m core precompute --out {build} --only gallery --workers 2`")
+        status = {t["name"]: t.get("status") for t in read_sweep(runs_root)["trials"]}
+        planned = [s["name"] for s in gallery_specs(self.budget)]
+        left = [name for name in planned if status.get(name) != "done"]
+        if left:
+            raise SystemExit(f"{runs_root}: {len(left)} of {len(planned)} gallery runs are not done yet (next: "
+                             f"{left[0]}); resume the build with `python -m core precompute --out {build} "
+                             "--only gallery --workers 2`")
+        prune_done_checkpoints(runs_root)
+        old = self.store.runs_root.with_name(self.store.runs_root.name + ".replaced")
+        if self.store.runs_root.exists():
+            self.store.runs_root.rename(old)  # kept until the new runs are in place
+        shutil.move(str(runs_root), str(self.store.runs_root))
+        shutil.rmtree(old, ignore_errors=True)
+        self.run(force=list(FROM_GALLERY))
+        shutil.rmtree(build)
+
     TASKS = ("separation", "trajectory", "token_pca", "fitted", "reference_knn", "vae", "gallery", "runs_table",
              "transfer", "interpolation", "interpolation_view", "findings", "activations_view")
 
@@ -453,6 +498,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny budget, for tests (never commit its output)")
     parser.add_argument("--only", nargs="*", choices=Precompute.TASKS, help="run only these tasks")
     parser.add_argument("--force", nargs="*", default=[], choices=Precompute.TASKS, help="rebuild these tasks")
+    parser.add_argument("--land", action="store_true",
+                        help=f"land a finished gallery build ({GALLERY_BUILD.relative_to(REPO_ROOT)}): its runs "
+                             "replace the store's and everything made from them is rebuilt")
     parser.add_argument("--workers", type=int, default=1,
                         help="gallery runs trained at once: 1 in this process; N > 1 as one-thread tasks of a "
                              "local Ray cluster of N CPUs (e.g. one per core)")
@@ -464,11 +512,15 @@ def run(args: argparse.Namespace) -> int:
     budget = QUICK if args.quick else FULL
     command = "python -m core precompute " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["precompute"] else [])
     start = time.perf_counter()
-    Precompute(lm, store, budget, command.strip(), workers=args.workers).run(only=args.only, force=args.force)
+    build = Precompute(lm, store, budget, command.strip(), workers=args.workers)
+    if args.land:
+        build.land_gallery()
+    else:
+        build.run(only=args.only, force=args.force)
     print(f"artifacts in {store.root}: {store.total_bytes() / 1e6:.1f} MB, {time.perf_counter() - start:.0f} s")
     print(json.dumps(store.manifest().get("timings", {})))
     return 0
 
 
 __all__ = ["FULL", "GALLERY_BUILD", "GALLERY_FORMAT", "MAX_LENGTH", "QUICK", "Budget", "Precompute", "gallery_record",
-           "gallery_specs", "gallery_sweep", "prune_done_checkpoints"]
+           "gallery_compute", "gallery_specs", "gallery_sweep", "prune_done_checkpoints"]

@@ -208,3 +208,36 @@ def test_a_new_gallery_plan_lands_only_with_everything_made_from_it_rebuilt(quic
     other = dataclasses.replace(QUICK, sep_docs=QUICK.sep_docs + 1)  # not the gallery's part: refused
     with pytest.raises(SystemExit, match="another budget"):
         Precompute(tiny_lm, store, other, "test", log=lambda _: None).run(force=list(FROM_GALLERY))
+
+
+def test_a_finished_build_lands_and_an_unfinished_one_is_refused(quick_store, tiny_lm, tmp_path):
+    import shutil
+
+    store = ArtifactStore(tmp_path / "art")
+    shutil.copytree(quick_store.root, store.root)
+    new_plan = dataclasses.replace(QUICK, math_steps=QUICK.math_steps + 1)
+    build = ArtifactStore(tmp_path / "build")
+    Precompute(tiny_lm, build, new_plan, "test build", log=lambda _: None).run(only=["gallery"])
+    landing = Precompute(tiny_lm, store, new_plan, "test --land", log=lambda _: None)
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(build.root, unfinished)
+    record = json.loads((unfinished / "runs" / "sweep.json").read_text())
+    record["trials"][-1]["status"] = "pending"
+    (unfinished / "runs" / "sweep.json").write_text(json.dumps(record))
+    before = sorted(p.name for p in store.runs_root.iterdir())
+    with pytest.raises(SystemExit, match=f"1 of {len(gallery_specs(new_plan))} gallery runs are not done"):
+        landing.land_gallery(unfinished)
+    assert sorted(p.name for p in store.runs_root.iterdir()) == before and (unfinished / "runs").is_dir()
+
+    table_before = (store.root / "tables" / "runs.csv").stat().st_mtime_ns
+    landing.land_gallery(build.root)
+    assert not build.root.exists()
+    assert json.loads((store.runs_root / "soft-math-gaussian-s0" / "run.json").read_text())["config"]["steps"] == \
+        new_plan.math_steps
+    assert not list(store.runs_root.glob("*/checkpoint.pt"))
+    assert (store.root / "tables" / "runs.csv").stat().st_mtime_ns != table_before  # made from the new runs
+    manifest = store.manifest()
+    assert manifest["budget"]["math_steps"] == new_plan.math_steps
+    built = manifest["gallery"]["built"]
+    assert built["runs_done"] == sum(built["runs_by_compute"].values()) == len(gallery_specs(new_plan))
