@@ -63,8 +63,9 @@ FROM_GALLERY = ("runs_table", "transfer", "interpolation", "interpolation_view",
 EXCLUSION_WIDENING = 1.21  # c_dim, 10% wider per axis; the paper's c=5 gives 1.0056 at d=576, nearly the fit itself
 # The gallery's build in progress, committed as it grows: on a 2-core CPU it takes 12-13 worker-hours, more than a
 # sitting, and a build in a gitignored folder is lost with the checkout. Each sitting resumes it (README "The gallery
-# and its compute plan"); when every run is done, its runs replace artifacts/runs and the folder is removed.
-GALLERY_BUILD = REPO_ROOT / "artifacts" / "gallery-next"
+# and its compute plan"); `--land` moves its runs into artifacts/runs when every run is done and removes the folder.
+# It sits outside artifacts/: no page reads it, and beside the gallery it replaces it would break artifacts' 30 MB.
+GALLERY_BUILD = REPO_ROOT / "gallery-build"
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,7 @@ def test_gallery_plan_is_issue_11s():
 
 def test_committed_gallery_build_resumes_under_todays_plan():
     """The gallery build in progress (committed between sittings) is of today's plan, so the next sitting's
-    `precompute --out artifacts/gallery-next --only gallery` resumes it rather than refusing it; each run it holds
+    `precompute --out gallery-build --only gallery` resumes it rather than refusing it; each run it holds
     as done has a readable run.json that says whether it converged."""
     from core.locks import lock_holder
     from core.sweep.engine import plan
