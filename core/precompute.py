@@ -222,18 +222,18 @@ def gallery_compute(runs_root: Path) -> dict:
     """Where and how long the gallery in `runs_root` trained: worker-hours (the sum of its trials' seconds, from
     sweep.json; a build spread over sittings adds them up) and its runs per device and compute reason (run.json),
     since a build resumed on another machine may train its later runs differently."""
-    from core.runs import read_run_json
-    from core.sweep.record import read_sweep
+    from collections import Counter
 
-    trials = read_sweep(runs_root)["trials"] if (runs_root / "sweep.json").is_file() else []
-    where: dict[str, int] = {}
-    for trial in trials:
-        if trial.get("status") == "done" and (runs_root / trial["name"] / "run.json").is_file():
-            config = read_run_json(runs_root / trial["name"]).get("config", {})
-            key = f"{config.get('device', '?')}: {config.get('compute_reason', config.get('compute_resolved', '?'))}"
-            where[key] = where.get(key, 0) + 1
+    from core.runs import is_run, read_run_json
+    from core.sweep.record import is_sweep, read_sweep
+
+    trials = read_sweep(runs_root)["trials"] if is_sweep(runs_root) else []
+    configs = [read_run_json(runs_root / t["name"]).get("config", {}) for t in trials
+               if t.get("status") == "done" and is_run(runs_root / t["name"])]
+    where = Counter(f"{c.get('device', '?')}: {c.get('compute_reason', c.get('compute_resolved', '?'))}"
+                    for c in configs)
     return {"worker_hours": round(sum(t.get("seconds") or 0.0 for t in trials) / 3600, 2),
-            "runs_done": sum(t.get("status") == "done" for t in trials), "runs_by_compute": where}
+            "runs_done": sum(t.get("status") == "done" for t in trials), "runs_by_compute": dict(where)}
 
 
 class Precompute:
@@ -428,10 +428,10 @@ class Precompute:
         """Land a finished gallery build: the runs of `build`/runs (every run of this budget's plan done) replace the
         store's, everything made from them is rebuilt (FROM_GALLERY), and the build folder is removed. Refused, with
         what is left to train, while any run is not done; nothing is moved then."""
-        from core.sweep.record import read_sweep
+        from core.sweep.record import is_sweep, read_sweep
 
         runs_root = build / "runs"
-        if not (runs_root / "sweep.json").is_file():
+        if not is_sweep(runs_root):
             raise SystemExit(f"{runs_root} holds no gallery build (no sweep.json); start one with "
                              f"`python -m core precompute --out {build} --only gallery --workers 2`")
         status = {t["name"]: t.get("status") for t in read_sweep(runs_root)["trials"]}
@@ -441,13 +441,12 @@ class Precompute:
             raise SystemExit(f"{runs_root}: {len(left)} of {len(planned)} gallery runs are not done yet (next: "
                              f"{left[0]}); resume the build with `python -m core precompute --out {build} "
                              "--only gallery --workers 2`")
-        prune_done_checkpoints(runs_root)
         old = self.store.runs_root.with_name(self.store.runs_root.name + ".replaced")
         if self.store.runs_root.exists():
             self.store.runs_root.rename(old)  # kept until the new runs are in place
         shutil.move(str(runs_root), str(self.store.runs_root))
         shutil.rmtree(old, ignore_errors=True)
-        self.run(force=list(FROM_GALLERY))
+        self.run(force=list(FROM_GALLERY))  # its gallery task finds every run done and prunes their checkpoints
         shutil.rmtree(build)
 
     TASKS = ("separation", "trajectory", "token_pca", "fitted", "reference_knn", "vae", "gallery", "runs_table",
