@@ -194,8 +194,8 @@ def test_a_new_gallery_plan_lands_only_with_everything_made_from_it_rebuilt(quic
 
     store = ArtifactStore(tmp_path / "art")
     shutil.copytree(quick_store.root, store.root)
-    longer = dataclasses.replace(QUICK, math_steps=QUICK.math_steps + 1)
-    build = Precompute(tiny_lm, store, longer, "test --quick", log=lambda _: None)
+    other_batch = dataclasses.replace(QUICK, math_batch=QUICK.math_batch + 1)  # a larger budget alone is not new
+    build = Precompute(tiny_lm, store, other_batch, "test --quick", log=lambda _: None)
     with pytest.raises(SystemExit, match="--force " + " ".join(FROM_GALLERY)):
         build.run()
     with pytest.raises(ValueError, match="other settings"):  # the old runs are of the old plan
@@ -203,8 +203,9 @@ def test_a_new_gallery_plan_lands_only_with_everything_made_from_it_rebuilt(quic
     shutil.rmtree(store.runs_root)  # landing a new gallery: its runs replace the old ones
     build.run(force=list(FROM_GALLERY))
     manifest = store.manifest()
-    assert manifest["budget"]["math_steps"] == QUICK.math_steps + 1
-    assert json.loads((store.runs_root / "soft-math-gaussian-s0" / "run.json").read_text())["steps_done"] <= 4
+    assert manifest["budget"]["math_batch"] == QUICK.math_batch + 1
+    assert json.loads((store.runs_root / "soft-math-gaussian-s0" / "run.json").read_text())["config"][
+        "batch_size"] == QUICK.math_batch + 1
     other = dataclasses.replace(QUICK, sep_docs=QUICK.sep_docs + 1)  # not the gallery's part: refused
     with pytest.raises(SystemExit, match="another budget"):
         Precompute(tiny_lm, store, other, "test", log=lambda _: None).run(force=list(FROM_GALLERY))
@@ -229,6 +230,14 @@ def test_a_finished_build_lands_and_an_unfinished_one_is_refused(quick_store, ti
     with pytest.raises(SystemExit, match=f"1 of {len(gallery_specs(new_plan))} gallery runs are not done"):
         landing.land_gallery(unfinished)
     assert sorted(p.name for p in store.runs_root.iterdir()) == before and (unfinished / "runs").is_dir()
+
+    # a build whose step budget is raised between sittings resumes (nothing is made from it yet)
+    raised_plan = dataclasses.replace(new_plan, qa_steps=new_plan.qa_steps + 1)
+    raised = ArtifactStore(tmp_path / "raised")
+    shutil.copytree(build.root, raised.root)
+    Precompute(tiny_lm, raised, raised_plan, "test raised", log=lambda _: None).run(only=["gallery"])
+    qa = json.loads((raised.runs_root / "soft-squad-gaussian-s0" / "run.json").read_text())
+    assert qa["config"]["steps"] == raised_plan.qa_steps or qa["converged"]
 
     table_before = (store.root / "tables" / "runs.csv").stat().st_mtime_ns
     landing.land_gallery(build.root)

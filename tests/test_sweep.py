@@ -71,7 +71,7 @@ def test_local_sweep_contains_failures_and_resumes(tiny_lm, tmp_path):
     retried = run_sweep(out, trials, lm=tiny_lm, progress=False, retry_failed=True)
     assert retried.ran == ["soft-math-gaussian-s0-sigma1e39", "soft-math-gaussian-s0-max-grad-normnan"]  # not lr=nan
     with pytest.raises(ValueError, match="other settings"):
-        run_sweep(out, _trials({"prior": ["gaussian"], "seed": ["0", "1"], "lr": ["1e-3"]}, "--steps", "3"),
+        run_sweep(out, _trials({"prior": ["gaussian"], "seed": ["0", "1"], "lr": ["1e-3"]}, "--batch-size", "1"),
                   lm=tiny_lm, progress=False)
 
 
@@ -251,3 +251,32 @@ def test_spec_file_fills_options_the_command_line_leaves_at_default(tmp_path):
     assert changed == {"steps": 7, "lr": 0.02, "prior-param": {"sigma": 0.1}} and spec.grid == {"seed": ["0", "1"]}
     with pytest.raises(ValueError, match="no such file"):
         load_spec(tmp_path / "missing.json")
+
+
+def test_a_raised_step_budget_keeps_converged_trials_and_trains_the_others_on(tiny_lm, tmp_path):
+    """Under a constant schedule the step budget is a ceiling: raising it keeps a trial the plateau stop ended,
+    and trains a trial that hit the old budget on to the new one (from step 0 when its checkpoint was pruned,
+    as the gallery prunes finished runs), equal to a fresh trial at the larger budget."""
+    from core.runs import CHECKPOINT_FILE
+
+    out, grid = tmp_path / "sweep", {"plateau-patience": ["0", "1"]}
+    short = _trials(grid, "--plateau-margin", "0.99", "--steps", "2")
+    run_sweep(out, short, lm=tiny_lm, progress=False)
+    by_patience = {t["config"]["plateau_patience"]: t for t in read_sweep(out)["trials"]}
+    budget_hit, converged = by_patience[0]["name"], by_patience[1]["name"]
+    assert not by_patience[0]["converged"] and by_patience[1]["converged"]
+    kept = (out / converged / "run.json").read_bytes()
+    (out / budget_hit / CHECKPOINT_FILE).unlink()
+
+    longer = _trials(grid, "--plateau-margin", "0.99", "--steps", "4")
+    assert run_sweep(out, longer, lm=tiny_lm, progress=False).counts["done"] == 2
+    assert (out / converged / "run.json").read_bytes() == kept
+    trained_on = {t["name"]: t for t in read_sweep(out)["trials"]}[budget_hit]
+    assert "from 2 to 4 steps" in trained_on["budget_raised"] and "from step 0" in trained_on["budget_raised"]
+    run = json.loads((out / budget_hit / "run.json").read_text())
+    assert run["steps_done"] == 4 and run["config"]["steps"] == 4
+    fresh = tmp_path / "fresh"
+    run_sweep(fresh, [t for t in longer if t.name == budget_hit], lm=tiny_lm, progress=False)
+    assert _histories(out)[budget_hit] == _histories(fresh)[budget_hit]
+    with pytest.raises(ValueError, match="other settings"):  # a smaller budget would change the trials
+        run_sweep(out, _trials(grid, "--plateau-margin", "0.99", "--steps", "1"), lm=tiny_lm, progress=False)

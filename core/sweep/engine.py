@@ -127,6 +127,33 @@ def _matches(planned: dict, found: dict) -> bool:
     return True
 
 
+def _budget_raised(planned: dict, recorded: dict) -> bool:
+    """Whether a trial's planned config differs from its record only by a larger step budget under a constant
+    schedule. There the budget is a ceiling that does not shape the run (the warm-up, the learning rate and the
+    plateau stop are the same under either), so a run that converged before the old budget is this trial's run."""
+    if "steps" not in recorded or "steps" not in planned or planned["steps"] <= recorded["steps"]:
+        return False
+    same_budget = {**planned, "steps": recorded["steps"]}
+    return (planned.get("schedule") == recorded.get("schedule") == "constant"
+            and planned.get("warmup_steps") == recorded.get("warmup_steps") and _matches(same_budget, recorded))
+
+
+def _raise_budget(path: Path, trial: Trial, entry: dict) -> None:
+    """A trial whose step budget grew: if its run converged (the plateau stop ended it) it stays done, its record
+    unchanged; otherwise it trains on to the new budget, from its checkpoint where one is kept, or again from
+    scratch where a finished run's checkpoint was pruned. Only the record changes here (plan() writes nothing);
+    the trial's `budget_raised` says which, and its `seconds` go on adding up (the compute spent on it in all)."""
+    if entry.get("status") == "done" and entry.get("converged"):
+        return
+    folder = path / trial.name
+    note = f"budget raised from {entry['config']['steps']} to {trial.config['steps']} steps"
+    if (folder / runs.CHECKPOINT_FILE).is_file():
+        note += "; it trains on from its checkpoint"
+    elif runs.is_run(folder):  # the trial's job starts afresh and replaces the run (a sweep owns its folders)
+        note += "; no checkpoint was kept, so it trains again from step 0"
+    entry.update(trial.record(), status="pending", error="", budget_raised=note)  # kept: the note is not
+
+
 def plan(path: Path, trials: list[Trial], spec: SweepSpec | None, backend: dict,
          retry_failed: bool, name: str | None = None) -> tuple[dict, list[Trial]]:
     """Merge the trials into DIR/sweep.json's record; return (record, trials to run now)."""
@@ -142,6 +169,9 @@ def plan(path: Path, trials: list[Trial], spec: SweepSpec | None, backend: dict,
     for trial in trials:
         entry = known.get(trial.name)
         if entry is not None and entry.get("config") is not None and trial.config is not None \
+                and not _matches(trial.config, entry["config"]) and _budget_raised(trial.config, entry["config"]):
+            _raise_budget(path, trial, entry)
+        elif entry is not None and entry.get("config") is not None and trial.config is not None \
                 and not _matches(trial.config, entry["config"]):
             diff = sorted(k for k in trial.config if not _same(entry["config"].get(k), trial.config[k]))
             raise ValueError(f"{path / SWEEP_JSON} already holds trial {trial.name} with other settings "
