@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from core.artifacts import ArtifactStore
@@ -216,6 +217,33 @@ def prune_done_checkpoints(runs_root: Path = GALLERY_BUILD / "runs") -> list[str
     for name in done:
         (runs_root / name / CHECKPOINT_FILE).unlink(missing_ok=True)
     return done
+
+
+def halve_snapshots(runs_root: Path) -> int:
+    """Store the prompt snapshots of every run in `runs_root` in fp16; returns the bytes saved.
+
+    Snapshots draw training paths and nearest-token read-outs, where fp16's relative precision (5e-4) changes
+    nothing a page shows, and they are most of the gallery: the converged gallery holds ~26 MB of them in fp32,
+    which took artifacts/ past its 30 MB. The kept prompts (prompt.safetensors) stay fp32, and `core.runs.load_run`
+    reads snapshots back as fp32. Refuses (ValueError, nothing written) a value past fp16's range."""
+    from safetensors.torch import load_file
+
+    from core.runs import SNAPSHOT_FILE, write_tensors
+
+    files = sorted(runs_root.glob(f"*/{SNAPSHOT_FILE}"))
+    halved = {}
+    for file in files:
+        tensors = load_file(str(file))
+        if all(t.dtype == torch.float16 for t in tensors.values()):
+            continue
+        half = {k: t.to(torch.float16) for k, t in tensors.items()}
+        if not all(torch.isfinite(h).all() for h in half.values()):
+            raise ValueError(f"{file}: a snapshot value is past fp16's range; the gallery's snapshots stay fp32")
+        halved[file] = half
+    before = sum(f.stat().st_size for f in halved)
+    for file, half in halved.items():
+        write_tensors(file, half)
+    return before - sum(f.stat().st_size for f in halved)
 
 
 def gallery_compute(runs_root: Path) -> dict:
@@ -447,6 +475,7 @@ class Precompute:
             self.store.runs_root.rename(old)  # kept until the new runs are in place
         shutil.move(str(runs_root), str(self.store.runs_root))
         shutil.rmtree(old, ignore_errors=True)
+        halve_snapshots(self.store.runs_root)  # before the tables, which are then made from the files as committed
         self.run(force=list(FROM_GALLERY))  # its gallery task finds every run done and prunes their checkpoints
         shutil.rmtree(build)
 
@@ -524,4 +553,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 __all__ = ["FULL", "GALLERY_BUILD", "GALLERY_FORMAT", "MAX_LENGTH", "QUICK", "Budget", "Precompute", "gallery_record",
-           "gallery_compute", "gallery_specs", "gallery_sweep", "prune_done_checkpoints"]
+           "gallery_compute", "gallery_specs", "gallery_sweep", "halve_snapshots", "prune_done_checkpoints"]

@@ -228,7 +228,9 @@ def load_run(path: str | Path) -> Run:
     path = Path(path)
     data = read_run_json(path)
     prompt = load_file(str(path / PROMPT_FILE)) if (path / PROMPT_FILE).exists() else {}
-    snapshots = load_file(str(path / SNAPSHOT_FILE)) if (path / SNAPSHOT_FILE).exists() else {}
+    # fp32 in memory: the committed gallery stores its snapshots in fp16 (core.precompute.halve_snapshots)
+    snapshots = ({k: v.float() for k, v in load_file(str(path / SNAPSHOT_FILE)).items()}
+                 if (path / SNAPSHOT_FILE).exists() else {})
     return Run(path=path, config=data.get("config", {}), history=data.get("history", []),
                metrics=data.get("metrics", {}), snapshot_steps=data.get("snapshot_steps", []),
                prompt=prompt, snapshots=snapshots, status=data.get("status", "done"),

@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 from safetensors.numpy import load_file
 
 from core.artifacts import ArtifactStore
@@ -245,6 +246,12 @@ def test_a_finished_build_lands_and_an_unfinished_one_is_refused(quick_store, ti
     assert json.loads((store.runs_root / "soft-math-gaussian-s0" / "run.json").read_text())["config"]["steps"] == \
         new_plan.math_steps
     assert not list(store.runs_root.glob("*/checkpoint.pt"))
+    from safetensors import safe_open
+
+    from core.runs import load_run
+    with safe_open(str(store.runs_root / "soft-math-gaussian-s0" / "snapshots.safetensors"), framework="pt") as fh:
+        assert fh.get_tensor("soft").dtype == torch.float16  # halved on landing: artifacts/ stays under 30 MB
+    assert load_run(store.runs_root / "soft-math-gaussian-s0").snapshots["soft"].dtype == torch.float32
     assert (store.root / "tables" / "runs.csv").stat().st_mtime_ns != table_before  # made from the new runs
     manifest = store.manifest()
     assert manifest["budget"]["math_steps"] == new_plan.math_steps
