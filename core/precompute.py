@@ -419,7 +419,9 @@ class Precompute:
         from core.runs import run_info
 
         entries = [RunEntry(run_info(p), "precomputed") for p in self._gallery_paths()]
-        self.store.save_table("runs", runs_table(self.lm, entries))
+        table = runs_table(self.lm, entries)
+        table["path"] = [str(Path(p).relative_to(self.store.root)) for p in table["path"]]  # as transfer's: no host path
+        self.store.save_table("runs", table)
 
     def task_transfer(self) -> None:
         from core.analysis.runs_compare import transfer_matrix
@@ -476,6 +478,8 @@ class Precompute:
         shutil.move(str(runs_root), str(self.store.runs_root))
         shutil.rmtree(old, ignore_errors=True)
         halve_snapshots(self.store.runs_root)  # before the tables, which are then made from the files as committed
+        # the gallery task's time is the build's (worker-seconds over its sittings), not the replaced gallery's
+        self.timings["gallery"] = round(3600 * gallery_compute(self.store.runs_root)["worker_hours"], 1)
         self.run(force=list(FROM_GALLERY))  # its gallery task finds every run done and prunes their checkpoints
         shutil.rmtree(build)
 
