@@ -420,7 +420,8 @@ class Precompute:
 
         entries = [RunEntry(run_info(p), "precomputed") for p in self._gallery_paths()]
         table = runs_table(self.lm, entries)
-        table["path"] = [str(Path(p).relative_to(self.store.root)) for p in table["path"]]  # as transfer's: no host path
+        # relative, as transfer's: no host path in a committed table
+        table["path"] = [str(Path(p).relative_to(self.store.root)) for p in table["path"]]
         self.store.save_table("runs", table)
 
     def task_transfer(self) -> None:
