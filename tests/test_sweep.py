@@ -137,19 +137,22 @@ def test_cli_sweep_then_sweeps_summary(tmp_path, capsys):
 def test_committed_gallery_is_a_done_sweep_with_intervals():
     from core.analysis.sweeps import DIVERGENCE, sweep_summary, sweep_table
     from core.paths import ARTIFACTS_DIR
+    from core.precompute import FULL, gallery_specs
 
     gallery = ARTIFACTS_DIR / "runs"
     record = read_sweep(gallery)
-    assert record["counts"]["done"] == len(record["trials"]) == 17 and record["name"] == "gallery"
+    assert record["counts"]["done"] == len(record["trials"]) == len(gallery_specs(FULL)) and record["name"] == "gallery"
+    assert all(t["converged"] for t in record["trials"])
     summary = sweep_summary(sweep_table(gallery))
     loss = summary[summary["measure"] == "final_val_loss"].set_index(["method", "dataset", "prior"])
-    assert loss.loc[("soft", "math", "gaussian"), "n"] == 2
-    assert loss.loc[("soft", "math", "gaussian"), "ci_low"] < loss.loc[("soft", "math", "gaussian"), "ci_high"]
-    assert loss.loc[("soft", "squad", "vae"), "n"] == 1 and math.isnan(loss.loc[("soft", "squad", "vae"), "ci_low"])
+    for key, seeds in ((("soft", "math", "gaussian"), FULL.soft_math_seeds), (("soft", "squad", "vae"), FULL.qa_seeds),
+                       (("deep", "math", "fitted"), FULL.deep_seeds)):
+        assert loss.loc[key, "n"] == seeds
+        assert loss.loc[key, "ci_low"] < loss.loc[key, "mean"] < loss.loc[key, "ci_high"]
     divergence = summary[summary["measure"].isin(DIVERGENCE)]
-    assert len(divergence) and divergence["mean"].notna().all()  # read from the committed runs.csv, no model
+    soft = divergence[divergence["method"] == "soft"]  # the gallery's deep runs have no token-level soft prompt
+    assert len(soft) and soft["mean"].notna().all()  # read from the committed runs.csv, no model
     assert {"collapsed_share", "init_collapsed_share"} <= set(divergence["measure"])  # trained beside step 0
-    assert loss.loc[("soft", "squad", "vae"), "ci"] == "undefined (one seed)"
 
 
 # --------------------------------------------------------------------------- Ray: a local 2-CPU cluster
@@ -210,7 +213,7 @@ def test_runs_page_shows_the_gallery_sweep_with_intervals(real_lm):
     assert "gallery [precomputed]" in at.selectbox(key="runs_sweep").options
     shown = next(d.value for d in at.dataframe if "ci" in d.value.columns)
     cis = dict(zip(shown["method"] + "/" + shown["dataset"] + "/" + shown["prior"], shown["ci"], strict=True))
-    assert cis["soft/squad/vae"] == "undefined (one seed)" and cis["soft/math/gaussian"].startswith("[")
+    assert len(cis) == 15 and all(ci.startswith("[") for ci in cis.values())  # every prior has 3 or 5 seeds
 
 
 def test_background_sweep_job_runs_and_cancels(tiny_lm, tmp_path):
