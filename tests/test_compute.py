@@ -100,3 +100,31 @@ def test_deep_without_soft_trains_from_the_cache_and_matches_the_uncached_run(ti
 def test_no_soft_is_refused_for_the_soft_method():
     with pytest.raises(ValueError, match="only applies to --method deep"):
         TrainConfig(method="soft", soft=False)
+
+
+def test_probe_takes_each_dtype_best_round_so_a_burst_of_load_does_not_decide(tmp_path, monkeypatch):
+    """The dashboard's pages once probed while other pages computed: one slow bf16 round must not flip the choice."""
+    monkeypatch.setattr(policy, "cache_subdir", lambda name: tmp_path)
+    rounds = iter([15.0, 170.0, 560.0, 180.0, 540.0, 175.0])  # bf16, fp32, ... : the first bf16 round under load
+    monkeypatch.setattr(policy, "matmul_gflops", lambda dtype, device, seconds: next(rounds))
+    probe = policy.cpu_matmul_probe(refresh=True)
+    assert probe["bf16_gflops"] == 560.0 and probe["fp32_gflops"] == 180.0
+
+
+def test_concurrent_first_asks_measure_once(tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(policy, "cache_subdir", lambda name: tmp_path)
+    calls = []
+
+    def rate(dtype, device, seconds):
+        calls.append(dtype)
+        return 100.0
+
+    monkeypatch.setattr(policy, "matmul_gflops", rate)
+    threads = [threading.Thread(target=policy.cpu_matmul_probe) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 2 * policy.PROBE_ROUNDS  # one measurement; the other threads read its file
