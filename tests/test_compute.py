@@ -128,3 +128,22 @@ def test_concurrent_first_asks_measure_once(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert len(calls) == 2 * policy.PROBE_ROUNDS  # one measurement; the other threads read its file
+
+
+def test_auto_is_fp32_on_a_cpu_limited_to_avx2(tmp_path):
+    """Measured, not mocked: this CPU limited to AVX2 kernels (torch's and oneDNN's own switches, as on the AVX2-only
+    machines where bf16 ran 26x slower) makes the probe see slow bf16, and auto resolves to fp32."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "PRIOR_LAB_CACHE": str(tmp_path)}
+    code = ("import torch, json; from core.compute import decide_for, cpu_matmul_probe; "
+            "print(json.dumps([torch.backends.cpu.get_cpu_capability(), decide_for('fp32', 'cpu').dtype, "
+            "cpu_matmul_probe()]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=120)
+    capability, dtype, probe = json.loads(out.stdout.strip().splitlines()[-1])
+    if capability != "AVX2":
+        pytest.skip(f"this torch ignores ATEN_CPU_CAPABILITY (capability {capability})")
+    assert dtype == "fp32", probe
+    assert probe["bf16_gflops"] * policy.BF16_MIN_SPEEDUP < probe["fp32_gflops"]
