@@ -94,7 +94,9 @@ summary = pd.DataFrame(view.summary).T[list(MEASURES)].rename(columns=MEASURES)
 st.dataframe(summary.style.format("{:.3f}"), width="stretch")
 st.caption(COLLAPSE_HELP)
 st.dataframe(view.step0().assign(measure=lambda f: f["measure"].map(MEASURES)).dropna(subset=["measure"]),
-             width="stretch", hide_index=True, column_config={"step0": "step 0 (prior sample)", "final": "trained"})
+             width="stretch", hide_index=True,
+             column_config={"step0": st.column_config.NumberColumn("step 0 (prior sample)", format="%.4g"),
+                            "final": st.column_config.NumberColumn("trained", format="%.4g")})
 
 measure = st.selectbox("Measure against training step", list(MEASURES), format_func=MEASURES.get, key="div_measure")
 by_step = view.by_step.rename(columns={measure: "value"})
