@@ -83,16 +83,18 @@ def _side(per: pd.DataFrame, soft: pd.DataFrame, prior: str) -> dict:
 def collapse_pair(runs: pd.DataFrame | None) -> dict:
     """Pick the tour's collapse pair from a runs table (artifacts/tables/runs.csv).
 
-    Returns {"status", "statement", "rule", "note", "per_prior" (records), "pair"}: status is one of
+    Returns {"status", "statement", "rule", "note", "per_prior" (records), "pair", "showcase"}: status is one of
     "pair", "none collapses", "every prior collapses", "none stays clear", "no runs", "no converged runs";
     note says when the table does not record convergence ("" otherwise);
     pair is {"collapses": side, "does_not": side} or None, a side being the prior's per-prior numbers
-    (n, step0, final, drift_l2, drift_rel_nn_gap, final_val_loss) plus "run", its representative run's row.
+    (n, step0, final, drift_l2, drift_rel_nn_gap, final_val_loss) plus "run", its representative run's row;
+    showcase: the run names that show the statement (the pair's runs; or, when none collapses, a run of a prior
+    that started collapsed and left beside one that started far off), for a page to open on ([] when none).
     """
     soft = _soft_math(runs)
     # Runs from before convergence was recorded trained a fixed budget: say so beside whatever they show.
     note = "" if soft.empty or "converged" in soft else UNRECORDED
-    out = {"rule": RULE, "per_prior": [], "pair": None, "note": note}
+    out = {"rule": RULE, "per_prior": [], "pair": None, "note": note, "showcase": []}
     if soft.empty or "collapsed_share" not in soft:
         why = "no soft-prompt MATH runs" if soft.empty else "the runs table has no collapsed share"
         return {**out, "status": NO_RUNS, "statement": f"{why}: the tour cannot say whether a prompt collapses."}
@@ -114,7 +116,7 @@ def collapse_pair(runs: pd.DataFrame | None) -> dict:
         most = collapses.sort_values(["final", "prior"], ascending=[False, True]).iloc[0]["prior"]
         least = clear.sort_values(["final", "prior"]).iloc[0]["prior"]
         pair = {"collapses": _side(per, soft, most), "does_not": _side(per, soft, least)}
-        return {**out, "status": PAIR, "pair": pair,
+        return {**out, "status": PAIR, "pair": pair, "showcase": [side["run"]["run"] for side in pair.values()],
                 "statement": f"prior {most}'s prompt collapses and prior {least}'s does not."}
     if collapses.empty:
         # A prior that starts collapsed (vocab: prompts initialised on token embeddings) and ends clear shows
@@ -123,11 +125,18 @@ def collapse_pair(runs: pd.DataFrame | None) -> dict:
         start = "" if len(left) else f", {_fmt(top['step0'])} at step 0"  # said below when some prior left
         statement = (f"no prior's prompt collapsed in these runs (largest final share {top['final']:.2f} "
                      f"for prior {top['prior']}{start}).")
+        showcase = []
         if len(left):
             started = ", ".join(f"{r.prior} ({r.step0:.2f} at step 0, {r.final:.2f} trained)"
                                 for r in left.itertuples())
             statement += f" Prompts that started collapsed left the tokens: {started}."
-        return {**out, "status": NONE_COLLAPSES, "statement": statement}
+            # the story to show: a prompt that started on the tokens and left, beside one that started far off
+            first = left.sort_values(["step0", "prior"], ascending=[False, True]).iloc[0]
+            far = per[~per["prior"].isin(left["prior"])].sort_values(["step0", "final", "prior"])
+            showcase = [_representative(soft, first["prior"], first["final"])["run"]]
+            if len(far):
+                showcase.append(_representative(soft, far.iloc[0]["prior"], far.iloc[0]["final"])["run"])
+        return {**out, "status": NONE_COLLAPSES, "statement": statement, "showcase": showcase}
     if len(collapses) == len(per):
         return {**out, "status": ALL_COLLAPSE, "statement": (f"every prior collapsed (smallest final share "
                                                               f"{low['final']:.2f} for prior {low['prior']}).")}

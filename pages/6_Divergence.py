@@ -7,7 +7,9 @@ import pandas as pd
 import streamlit as st
 
 import ui_state
+from core import tour
 from core.analysis import runs_compare as rc
+from core.artifacts import ArtifactStore
 
 NO_RUNS = ("No runs of this model yet. Train one on the *Train* page, or from a shell: "
            "`python -m core train --dataset math --method soft --prior gaussian --steps 40`; "
@@ -45,7 +47,12 @@ lm = ui_state.current_model()
 mine = ui_state.model_runs_or_stop(lm, "see", NO_RUNS)
 
 labels = {e.label: str(e.path) for e in mine}
-chosen = st.multiselect("Runs", list(labels), default=list(labels)[:2], key="div_runs",
+# Open on the home tour's story (core.tour) where the gallery holds its runs, else on the newest two.
+store = ArtifactStore()
+table = store.load_table("runs") if store.status(lm.fingerprint)[0] else None
+story = [f"{name} [precomputed]" for name in tour.collapse_pair(table)["showcase"]]
+default = story if story and all(label in labels for label in story) else list(labels)[:2]
+chosen = st.multiselect("Runs", list(labels), default=default, key="div_runs",
                         help="[yours] = runs under runs/; [precomputed] = the committed gallery under artifacts/runs.")
 if not chosen:
     st.info("Choose at least one run.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from core import tour
 from core.analysis import runs_compare as rc
 from core.artifacts import ArtifactStore
 
@@ -77,3 +78,6 @@ def test_pages_render_committed_artifacts(real_lm):
     for page in PAGES:
         at = _run(page)
         assert not any("No runs of this model yet" in i.value for i in at.info), page
+        if page.endswith("Divergence.py"):  # opens on the home tour's story, from the committed runs table
+            story = tour.collapse_pair(store.load_table("runs"))["showcase"]
+            assert at.multiselect(key="div_runs").value == [f"{name} [precomputed]" for name in story] or not story

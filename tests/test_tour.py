@@ -38,6 +38,7 @@ def test_pair_is_the_most_collapsing_prior_and_the_least():
     assert most["run"]["seed"] == 1 and most["run"]["run"] == "soft-math-vocab-s1"
     assert least["prior"] == "gaussian" and least["run"]["seed"] == 0 and least["drift_l2"] == pytest.approx(2.0)
     assert "qa" not in {r["prior"] for r in out["per_prior"]}
+    assert out["showcase"] == ["soft-math-vocab-s1", "soft-math-gaussian-s0"]  # what the Divergence page opens on
     lines = tour.side_lines(most)
     assert "0.30 at step 0 -> 0.88 trained" in lines[0] and "3 seed(s)" in lines[0]
 
@@ -63,6 +64,9 @@ def test_none_collapses_says_when_training_moved_a_collapsed_start_away_from_the
     assert out["statement"] == ("no prior's prompt collapsed in these runs (largest final share 0.03 for prior "
                                 "vocab). Prompts that started collapsed left the tokens: vocab (1.00 at step 0, "
                                 "0.03 trained).")
+    assert out["showcase"] == ["soft-math-vocab-s0", "soft-math-gaussian-s0"]  # the one that left, one from far off
+    plain = tour.collapse_pair(_runs({"gaussian": (0.0, [0.0, 0.05]), "vae": (0.2, [0.1, 0.1])}))
+    assert plain["showcase"] == []  # nothing to show side by side: the page keeps its own default
 
 
 def test_every_prior_collapsing_and_none_clear():
