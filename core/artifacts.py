@@ -76,6 +76,10 @@ class ArtifactStore:
         path = self.table_path(name)
         return pd.read_csv(path) if path.exists() else None
 
+    def load_table_for(self, name: str, fingerprint: str) -> pd.DataFrame | None:
+        """The table, only where these artifacts were built for the model `fingerprint` (`status`); else None."""
+        return self.load_table(name) if self.status(fingerprint)[0] else None
+
     def save_table(self, name: str, frame: pd.DataFrame) -> Path:
         path = self.table_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)

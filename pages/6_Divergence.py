@@ -48,8 +48,7 @@ mine = ui_state.model_runs_or_stop(lm, "see", NO_RUNS)
 
 labels = {e.label: str(e.path) for e in mine}
 # Open on the home tour's story (core.tour) where the gallery holds its runs, else on the newest two.
-store = ArtifactStore()
-table = store.load_table("runs") if store.status(lm.fingerprint)[0] else None
+table = ArtifactStore().load_table_for("runs", lm.fingerprint)
 story = [f"{name} [precomputed]" for name in tour.collapse_pair(table)["showcase"]]
 default = story if story and all(label in labels for label in story) else list(labels)[:2]
 chosen = st.multiselect("Runs", list(labels), default=default, key="div_runs",

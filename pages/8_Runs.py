@@ -25,8 +25,7 @@ def run_table(fingerprint: str, paths: tuple[tuple[str, str, float], ...], targe
     # is re-read when it saves; the stored table spares recomputing divergence of the gallery.
     from core.runs import run_info
 
-    store = ArtifactStore()
-    stored = store.load_table("runs") if store.status(fingerprint)[0] else None
+    stored = ArtifactStore().load_table_for("runs", fingerprint)
     entries = [rc.RunEntry(run_info(p), origin) for origin, p, _ in paths]
     return rc.runs_table(ui_state.current_model(), entries, "auto" if target is None else target, stored=stored)
 

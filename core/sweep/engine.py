@@ -169,13 +169,13 @@ def plan(path: Path, trials: list[Trial], spec: SweepSpec | None, backend: dict,
     for trial in trials:
         entry = known.get(trial.name)
         if entry is not None and entry.get("config") is not None and trial.config is not None \
-                and not _matches(trial.config, entry["config"]) and _budget_raised(trial.config, entry["config"]):
-            _raise_budget(path, trial, entry)
-        elif entry is not None and entry.get("config") is not None and trial.config is not None \
                 and not _matches(trial.config, entry["config"]):
-            diff = sorted(k for k in trial.config if not _same(entry["config"].get(k), trial.config[k]))
-            raise ValueError(f"{path / SWEEP_JSON} already holds trial {trial.name} with other settings "
-                             f"({', '.join(diff)}); use another --out for a new sweep, or the same options to resume")
+            if not _budget_raised(trial.config, entry["config"]):
+                diff = sorted(k for k in trial.config if not _same(entry["config"].get(k), trial.config[k]))
+                raise ValueError(f"{path / SWEEP_JSON} already holds trial {trial.name} with other settings "
+                                 f"({', '.join(diff)}); use another --out for a new sweep, or the same options to "
+                                 "resume")
+            _raise_budget(path, trial, entry)  # a done, converged trial stays done; the others run on below
         if entry is None:
             entry = {**trial.record(), "status": "pending", "error": "", "seconds": 0.0, "attempts": 0}
             data["trials"].append(entry)
