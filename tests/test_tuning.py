@@ -147,6 +147,47 @@ def test_shared_prefix_gives_the_concatenated_loss_and_gradient(tiny_lm):
     assert not shares_prefix(20, 8, 600) and not shares_prefix(20, 1, 26)
 
 
+def _varied(n: int) -> list:
+    """Rows of different lengths with answers of one to several tokens (padding and several reads per row)."""
+    words = ["seven", "forty two", "a hundred and nine", "3", "twelve thousand and one"]
+    return [SimpleNamespace(prompt=f"Question: {'Now ' * (k % 4)}what is number {k}?\nAnswer:",
+                            target=f" {words[k % len(words)]}", answers=[words[k % len(words)]], meta={})
+            for k in range(n)]
+
+
+@pytest.mark.parametrize(("method", "params"), [
+    ("soft", {}), ("deep", {"layers": [0, 2]}), ("deep", {"layers": [1, 3], "soft": False}), (None, {})])
+def test_block_loop_gives_the_models_own_loss_and_gradient(tiny_lm, method, params):
+    """answer_loss runs LLaMA blocks as one loop (prompt rows once per batch, q/k/v and gate/up as one product
+    each, the last block at the read positions only); the model's own forward with the prompt's hooks gives
+    the same loss and the same gradient on every prompt tensor, on padded rows with several answer tokens."""
+    from core.tuning import blocks
+    from core.tuning.loss import hooked_answer_loss
+
+    assert blocks.supported(tiny_lm.model)
+    batch = collate(encode_examples(tiny_lm.tokenizer, _varied(6)), tiny_lm.tokenizer.pad_token_id)
+    assert len(set(batch.rows.tolist())) == 6 and len(batch.rows) > 6
+    prompt = None
+    if method is not None:
+        prompt = build_prompt(method, tiny_lm.hidden_size, tiny_lm.num_layers, n_tokens=3, **params)
+        gen = torch.Generator().manual_seed(1)
+        prompt.load_tensors({k: torch.randn(v.shape, generator=gen) for k, v in prompt.named_tensors().items()})
+    results = []
+    for loss_fn in (answer_loss, hooked_answer_loss):
+        loss = loss_fn(tiny_lm.model, prompt, batch)
+        grads = {}
+        if prompt is not None:
+            loss.backward()
+            grads = {k: p.grad.clone() for k, p in prompt.named_tensors().items()}
+            prompt.zero_grad(set_to_none=True)
+        results.append((loss.detach(), grads))
+    (loop, loop_grads), (hooked, hooked_grads) = results
+    torch.testing.assert_close(loop, hooked, rtol=1e-5, atol=1e-5)
+    for name, grad in hooked_grads.items():
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(loop_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["soft", "deep"])
 def test_resume_equals_uninterrupted(tiny_lm, tmp_path, method):
     init = {k: v[:4] for k, v in _init(method, tiny_lm).items()}

@@ -67,6 +67,11 @@ class PromptModule(nn.Module):
         """Token-level prompt for a batch, [B, n, d]."""
         raise NotImplementedError
 
+    def block_vectors(self) -> dict[int, torch.Tensor] | None:
+        """{block: [n, d]} vectors this prompt's hooks prepend at decoder blocks, when that is all its hooks do
+        (the loss can then run its own block loop, core.tuning.blocks); None when they do anything else."""
+        return None
+
     @contextlib.contextmanager
     def hooks(self, model: nn.Module) -> Iterator[None]:
         """Install forward hooks on `model` (a causal LM); removed on exit, even on error."""

@@ -130,6 +130,9 @@ class DeepPrompt(PromptModule):
         soft = {"soft": self.soft} if self.soft is not None else {}
         return {**soft, **{f"deep.{k}": v for k, v in self.deep.items()}}
 
+    def block_vectors(self) -> dict[int, torch.Tensor]:
+        return {int(index): vectors for index, vectors in self.deep.items()}
+
     @contextlib.contextmanager
     def hooks(self, model: nn.Module) -> Iterator[None]:
         layers = model.model.layers

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from core.tuning import blocks
 from core.tuning.base import PromptModule
 from core.tuning.batches import Batch
 
@@ -40,29 +41,48 @@ def answer_loss(model: nn.Module, prompt: PromptModule | None, batch: Batch,
     """Summed cross-entropy over the batch's answer tokens (a scalar; divide by `batch.n_answer` for the mean).
 
     model: a LLaMA-style causal LM (`model.model` the decoder, `model.lm_head` the head).
-    The hidden states come from the decoder, [B, n+T, d]; only the N rows that
-    predict an answer token go through the head, [N, V]: never [B, T, V].
+    Only the N rows that predict an answer token go through the head, [N, V]: never [B, T, V]. LLaMA-style
+    blocks with a soft or deep prompt (or none) run as one loop over the blocks (core.tuning.blocks: the
+    prompt's rows once per batch, fused projections); other models and prompts run the model's own forward
+    with the prompt's hooks (`hooked_answer_loss`, the same numbers).
     """
+    vectors = {} if prompt is None else prompt.block_vectors()
+    if batch.residual is not None and prompt is not None and prompt.n_prefix:
+        raise ValueError("a cached residual stream cannot take a token-level prompt: train deep prompts with "
+                         "soft=False (--no-soft), or drop the cached residuals")
+    if vectors is None or not blocks.supported(model):
+        return hooked_answer_loss(model, prompt, batch, autocast_dtype)
+    device = batch.input_ids.device
+    amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with amp:
+        if batch.residual is not None:  # the cached stream entering block `start_layer` (core.tuning.cached)
+            hidden = batch.residual
+        else:
+            hidden = model.model.embed_tokens(batch.input_ids)  # [B, T, d]
+        dtype = hidden.dtype
+        prefix = prompt.prefix(1, dtype)[0] if prompt is not None and prompt.n_prefix else None  # [S, d]
+        deep = {index: v.to(dtype) for index, v in vectors.items()}
+        longest = hidden.shape[1] + (0 if prefix is None else prefix.shape[0]) + max(
+            (v.shape[0] for v in deep.values()), default=0)
+        with attention_backend(device, longest):
+            # position p predicts token p+1: the answer token at column c is read from column c-1
+            rows = blocks.answer_rows(model, hidden, batch.start_layer, prefix, deep, batch.rows, batch.cols - 1)
+            logits = model.lm_head(rows)  # [N, V]
+    return F.cross_entropy(logits.float(), batch.labels, reduction="sum")
+
+
+def hooked_answer_loss(model: nn.Module, prompt: PromptModule | None, batch: Batch,
+                       autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`answer_loss` through the model's own forward, with the prompt's hooks: any causal LM and prompt."""
     decoder = model.model
     device = batch.input_ids.device
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
     hooks = prompt.hooks(model) if prompt is not None else contextlib.nullcontext()
     if batch.residual is not None:  # deep prompts only, from the cached stream entering block `start_layer`
-        from core.tuning.cached import answer_rows_from_layer, answer_rows_supported, forward_from_layer
+        from core.tuning.cached import forward_from_layer
 
-        if prompt is not None and prompt.n_prefix:
-            raise ValueError("a cached residual stream cannot take a token-level prompt: train deep prompts with "
-                             "soft=False (--no-soft), or drop the cached residuals")
-        if prompt is not None and answer_rows_supported(model):
-            dtype = batch.residual.dtype
-            deep = {int(name[5:]): t.to(dtype) for name, t in prompt.named_tensors().items()
-                    if name.startswith("deep.")}
-            with amp, attention_backend(device, batch.residual.shape[1]):
-                rows = answer_rows_from_layer(model, batch.residual, batch.start_layer, deep, batch.rows,
-                                              batch.cols - 1)  # [N, d]
-                logits = model.lm_head(rows)  # [N, V]
-            return F.cross_entropy(logits.float(), batch.labels, reduction="sum")
         with hooks, amp, attention_backend(device, batch.residual.shape[1]):
             hidden = forward_from_layer(model, batch.residual, batch.start_layer)  # [B, T, d]
             logits = model.lm_head(hidden[batch.rows, batch.cols - 1])  # [N, V]

@@ -32,3 +32,6 @@ class SoftPrompt(PromptModule):
 
     def named_tensors(self) -> dict[str, nn.Parameter]:
         return {"soft": self.soft}
+
+    def block_vectors(self) -> dict[int, torch.Tensor]:
+        return {}  # no hooks

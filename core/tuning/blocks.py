@@ -1,0 +1,217 @@
+"""The training forward of a LLaMA-style decoder with prompts, as one loop over its blocks.
+
+`answer_rows` gives the final-normed hidden states the loss reads, with the numbers of the model's own
+forward (a soft prompt concatenated before the tokens; deep vectors prepended by core.tuning.deep's hooks)
+and less work:
+- the soft prompt is the same in every row and causal attention keeps it from seeing the tokens, so its
+  rows go through each block once, not once per row; they are stacked with the token rows, so each
+  projection is one matrix product over prompt and tokens (the separate 20-row products ran at half the
+  rate on CPU);
+- a block's deep vectors [n, d] only serve as keys and values there (their outputs are cut), and they are
+  the same in every row: their keys and values are computed once, not their attention or MLP;
+- q/k/v and gate/up are each one product against weights stored side by side (`fuse_projections`);
+- in the last block only the positions the loss reads need a query, an attention output and the MLP.
+Positions follow the hooks: in a block with n deep vectors those take 0..n-1 and the sequence (soft
+prompt, then tokens) n.. onwards. Training pads on the right and passes no mask: attention is causal.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_FUSE_LOCK = threading.Lock()
+_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> (qkv weight, qkv bias, gate_up weight)
+
+
+def llama_block(layer: nn.Module) -> bool:
+    """Is `layer` a LLaMA-style block (pre-norm attention with q/k/v/o projections and RoPE, then an MLP),
+    run by its own `forward` (a block whose forward was replaced, e.g. compiled, runs as the model runs it)?"""
+    attn = getattr(layer, "self_attn", None)
+    return (attn is not None and all(hasattr(attn, x) for x in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"))
+            and not hasattr(attn, "q_norm") and not hasattr(attn, "sliding_window")
+            and all(hasattr(layer, x) for x in ("input_layernorm", "post_attention_layernorm", "mlp"))
+            and "forward" not in vars(layer))
+
+
+def supported(model: nn.Module) -> bool:
+    """Can `answer_rows` run this model's blocks (else the model's own forward, with the prompt's hooks)?"""
+    return all(llama_block(layer) for layer in model.model.layers)
+
+
+def _plain(*modules: nn.Module) -> bool:
+    return all(type(m) is nn.Linear and not m.weight.requires_grad for m in modules)
+
+
+def _side_by_side(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor the row-blocks `parts` are consecutive views of, or None."""
+    base = parts[0]
+    if not all(p.is_contiguous() and p.dtype == base.dtype and p.device == base.device for p in parts):
+        return None
+    start, offset = base.data_ptr(), 0
+    for p in parts:
+        if p.data_ptr() != start + offset * p.element_size():
+            return None
+        offset += p.numel()
+    return base.as_strided((sum(p.shape[0] for p in parts), *base.shape[1:]), base.stride())
+
+
+def fuse_projections(layer: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(q|k|v weight, its bias or None, gate|up weight) of a frozen block, each one tensor; None where the
+    projections are not plain frozen `nn.Linear`s (e.g. int8), which are then called one by one.
+
+    The first call stores each pair or triple side by side and makes the modules' weights views into it,
+    so the model computes exactly as before and holds no second copy.
+    """
+    attn, mlp = layer.self_attn, layer.mlp
+    with _FUSE_LOCK:
+        qkv_mods = [attn.q_proj, attn.k_proj, attn.v_proj]
+        gu_mods = [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]
+        fused = []
+        for mods in (qkv_mods, gu_mods):
+            if any(m is None for m in mods) or not _plain(*mods):
+                fused.append(None)
+                continue
+            weight = _side_by_side([m.weight for m in mods])
+            if weight is None:  # first use (or the model moved): store side by side, weights become views
+                weight = torch.cat([m.weight.detach() for m in mods])
+                start = 0
+                for m in mods:
+                    m.weight = nn.Parameter(weight[start: start + m.weight.shape[0]], requires_grad=False)
+                    start += m.weight.shape[0]
+            fused.append(weight)
+        qkv_bias = None
+        if fused[0] is not None and attn.q_proj.bias is not None:
+            qkv_bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+        if fused[1] is not None and mlp.gate_proj.bias is not None:
+            fused[1] = None  # a biased MLP (not LLaMA's): called module by module
+        return fused[0], qkv_bias, fused[1]
+
+
+def _qkv(attn: nn.Module, x: torch.Tensor, weight: torch.Tensor | None,
+         bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if weight is None:
+        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q_size, kv_size = attn.q_proj.out_features, attn.k_proj.out_features
+    return F.linear(x, weight, bias).split([q_size, kv_size, kv_size], dim=-1)
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: torch.Tensor | None) -> torch.Tensor:
+    if gate_up is None:
+        return mlp(x)
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on one tensor [B, heads, T, dh] with cos/sin [B or 1, T, dh] (apply_rotary_pos_emb rotates two)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def _per_row(x: torch.Tensor, shared: int, batch: int, length: int, head_dim: int) -> torch.Tensor:
+    """Stacked rows [S + B*T, heads*dh] (S shared prompt rows, then B rows of T tokens) -> [B, heads, S+T, dh]."""
+    tokens = x[shared:].view(batch, length, -1, head_dim)
+    if shared:
+        prompt = x[:shared].view(1, shared, -1, head_dim).expand(batch, -1, -1, -1)
+        tokens = torch.cat([prompt, tokens], dim=1)
+    return tokens.transpose(1, 2)
+
+
+def _read_positions(rows: torch.Tensor, cols: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row read positions [B, A] (A = most reads in a row; short rows repeat their last one, a row with none
+    reads position 0) and each read's slot in its row [N]; (rows, cols) are grouped by row, as `collate` makes them."""
+    counts = torch.bincount(rows, minlength=batch)  # [B]
+    first = torch.cumsum(counts, 0) - counts  # [B] index of each row's first read
+    slot = torch.arange(len(rows), device=rows.device) - first[rows]  # [N]
+    width = max(int(counts.max()), 1)
+    read_at = torch.zeros(batch, width, dtype=cols.dtype, device=cols.device)
+    read_at[rows, slot] = cols
+    last = read_at.gather(1, (counts - 1).clamp(min=0)[:, None])  # [B, 1]
+    pad = torch.arange(width, device=rows.device)[None, :] >= counts[:, None]
+    return torch.where(pad, last, read_at), slot
+
+
+def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torch.Tensor | None,
+                deep: dict[int, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Final-normed hidden states [N, d] at token positions (rows, cols) after blocks `start..L-1`.
+
+    hidden: [B, T, d] the tokens' residual stream entering block `start` (the embeddings when 0), right-padded.
+    prefix: [S, d] soft prompt before the tokens (start 0 only), or None.
+    deep: {block: [n, d]} vectors prepended at those blocks.
+    cols: token columns (0..T-1) whose hidden state is read, grouped by row as `collate` makes them.
+    """
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    decoder = model.model
+    layers = decoder.layers
+    last = len(layers) - 1
+    if not 0 <= start <= last:
+        raise ValueError(f"start block {start} is outside the model's blocks 0..{last}")
+    if prefix is not None and start:
+        raise ValueError("a soft prompt enters at block 0; got start block {start}")
+    batch, length, width = hidden.shape
+    device, dtype = hidden.device, hidden.dtype
+    shared = 0 if prefix is None else prefix.shape[0]
+    seq = shared + length
+    h = hidden.reshape(batch * length, width)
+    if shared:
+        h = torch.cat([prefix.to(dtype), h])  # [S + B*T, d]
+    rotary: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # deep count -> cos, sin [1, n + S + T, dh]
+    for index in range(start, last + 1):
+        layer = layers[index]
+        attn = layer.self_attn
+        qkv_weight, qkv_bias, gate_up = fuse_projections(layer)
+        vectors = deep.get(index)
+        n = 0 if vectors is None else vectors.shape[0]
+        if n not in rotary:
+            positions = torch.arange(n + seq, device=device).unsqueeze(0)
+            rotary[n] = decoder.rotary_emb(h, position_ids=positions)
+        cos, sin = rotary[n]
+        x = layer.input_layernorm(h)
+        if n:  # the deep vectors ride along in the projection; only their keys and values are used
+            x = torch.cat([layer.input_layernorm(vectors.to(dtype)), x])
+        q, k, v = _qkv(attn, x, qkv_weight, qkv_bias)  # [n + S + B*T, ...]
+        dh = attn.head_dim
+        kd, vd = k[:n], v[:n]
+        q, k, v = q[n:], _per_row(k[n:], shared, batch, length, dh), _per_row(v[n:], shared, batch, length, dh)
+        k = _rotate(k, cos[:, n:], sin[:, n:])  # [B, KV, S+T, dh]
+        if n:
+            kd = _rotate(kd.view(1, n, -1, dh).transpose(1, 2), cos[:, :n], sin[:, :n])  # [1, KV, n, dh]
+            vd = vd.view(1, n, -1, dh).transpose(1, 2)
+            k = torch.cat([kd.expand(batch, -1, -1, -1), k], dim=2)  # [B, KV, n+S+T, dh]
+            v = torch.cat([vd.expand(batch, -1, -1, -1), v], dim=2)
+        key_at = torch.arange(n + seq, device=device) - n  # deep keys at < 0: every query sees them
+        if index < last:
+            q = _rotate(_per_row(q, shared, batch, length, dh), cos[:, n:], sin[:, n:])  # [B, H, S+T, dh]
+            if n:
+                allowed = key_at[None, :] <= torch.arange(seq, device=device)[:, None]  # [S+T, n+S+T]
+                out = sdpa(q, k, v, attn_mask=allowed[None, None], scale=attn.scaling, enable_gqa=True)
+            else:
+                out = sdpa(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)  # [B, H, S+T, dh]
+            out = out.transpose(1, 2)  # [B, S+T, H, dh]
+            tokens = out[:, shared:].reshape(batch * length, -1)
+            if shared:  # the prompt's rows are the same in every row: row 0's, once
+                tokens = torch.cat([out[0, :shared].reshape(shared, -1), tokens])
+            out = tokens  # [S + B*T, H*dh]
+            h = h + attn.o_proj(out)
+            h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h), gate_up)
+        else:  # the last block: queries only where the loss reads, A per row (padded with the row's last one)
+            read_at, slot = _read_positions(rows, cols, batch)  # [B, A] token columns, [N] each read's slot
+            every = torch.arange(batch, device=device)[:, None]
+            q = q[shared:].view(batch, length, -1, dh)[every, read_at].transpose(1, 2)  # [B, H, A, dh]
+            q = _rotate(q, cos[0, n + shared + read_at], sin[0, n + shared + read_at])
+            allowed = key_at <= (shared + read_at)[:, None, :, None]  # [B, 1, A, n+S+T]
+            out = sdpa(q, k, v, attn_mask=allowed, scale=attn.scaling, enable_gqa=True)  # [B, H, A, dh]
+            h_read = h[shared:].view(batch, length, width)[every, read_at]
+            h_read = h_read + attn.o_proj(out.transpose(1, 2).reshape(batch, read_at.shape[1], -1))  # [B, A, d]
+            h_read = h_read[rows, slot]  # [N, d], in the order of (rows, cols)
+            h_read = h_read + _mlp(layer.mlp, layer.post_attention_layernorm(h_read), gate_up)
+            return decoder.norm(h_read)
+    raise AssertionError("unreachable")
