@@ -1,6 +1,6 @@
 """Our soft-prompt training step against PEFT prompt tuning, on the same real MATH and QA examples.
 
-    .venv/bin/python bench/bench_tuning.py [--rounds 2] [--threads 1] [--batch-size 8] [--n 16] [--compile]
+    .venv/bin/python bench/bench_tuning.py [--rounds 2] [--threads 1] [--batch-size 8] [--n 64] [--n-qa 16] [--compile]
 
 Both train 20 virtual tokens on the embedded SmolLM2-135M (loaded in fp32) with the same thread count, in the
 dtype `core.compute` picks for this CPU ("auto": bf16 only where bf16 matmuls are clearly faster, else fp32):
@@ -158,8 +158,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="measured rounds after one warm-up")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--n", type=int, default=16, help="examples per dataset")
-    parser.add_argument("--n-qa", type=int, default=0, help="QA examples (0: same as --n)")
+    # a MATH pass of 16 examples took ~0.5 s, short enough for one slow second on this shared machine to move
+    # the ratio by 20%; 64 (8 batches) is ~2 s. QA passes of 16 examples already take 15-50 s.
+    parser.add_argument("--n", type=int, default=64, help="MATH examples (and QA examples when --n-qa is 0)")
+    parser.add_argument("--n-qa", type=int, default=16, help="QA examples (0: same as --n)")
     parser.add_argument("--qa-max-tokens", type=int, default=640, help="QA examples longer than this are cut")
     parser.add_argument("--compile", action="store_true", help="also measure ours with torch.compile'd layers")
     parser.add_argument("--child", choices=["ours", "peft", "ours_compiled"], help=argparse.SUPPRESS)
@@ -179,7 +181,8 @@ def main() -> int:
     params = {id(p): p for p in lm.model.parameters()}
     n_nonembed = sum(p.numel() for p in params.values()) - lm.model.get_input_embeddings().weight.numel()
     d, vocab = lm.hidden_size, lm.model.config.vocab_size
-    print(f"threads {args.threads}, batch {args.batch_size}, {args.n} examples per set, non-embedding params "
+    print(f"threads {args.threads}, batch {args.batch_size}, {args.n} MATH and {args.n_qa or args.n} QA examples, "
+          f"non-embedding params "
           f"{n_nonembed / 1e6:.1f} M")
     methods = ["peft", "ours"] + (["ours_compiled"] if args.compile else [])
     runners = {}
@@ -189,7 +192,7 @@ def main() -> int:
         runners[name] = {m: make_runner(m, lm, examples, args.batch_size) for m in methods}
     totals = {(s, m): [0, 0.0, 0] for s in sets for m in methods}
     rates: dict[tuple[str, str], list[float]] = {(s, m): [] for s in sets for m in methods}
-    flops = {m: 0.0 for m in methods}
+    flops = {(s, m): 0.0 for s in sets for m in methods}
     for rnd in range(args.rounds + 1):
         for name in sets:
             for method in methods:
@@ -204,7 +207,7 @@ def main() -> int:
                     t[0], t[1], t[2] = t[0] + tokens, t[1] + elapsed, t[2] + 1
                     # ours runs the virtual tokens once per batch (shared keys/values), PEFT once per row
                     virtual = N_VIRTUAL * (rows // args.batch_size if method.startswith("ours") else rows)
-                    flops[method] += 4 * n_nonembed * (tokens + virtual) + 4 * d * vocab * answers
+                    flops[(name, method)] += 4 * n_nonembed * (tokens + virtual) + 4 * d * vocab * answers
     rate = 1e9 * matmul_gflops(torch.bfloat16 if decision.dtype == "bf16" else torch.float32,
                                torch.device("cpu"), size=2048, seconds=1.0)
     mem = {}
@@ -219,9 +222,13 @@ def main() -> int:
             raise SystemExit(f"memory child for {method} failed")
         mem[method] = json.loads(line[-1])
         print(f"memory {method}: loaded {mem[method]['loaded_mb']:.0f} MB, peak {mem[method]['peak_mb']:.0f} MB")
-    achieved = {m: flops[m] / sum(totals[(s, m)][1] for s in sets) for m in methods}
+    achieved = {m: sum(flops[(s, m)] for s in sets) / sum(totals[(s, m)][1] for s in sets) for m in methods}
     print(f"{decision.dtype} 2048^3 matmul: {rate / 1e9:.1f} GFLOP/s; useful rate "
           + ", ".join(f"{m} {achieved[m] / 1e9:.1f} GFLOP/s" for m in methods))
+    for name in sets:  # the combined line is mostly QA's time; attention on its long rows is not counted as useful
+        print(f"useful rate on {name} alone: " + ", ".join(
+            f"{m} {flops[(name, m)] / totals[(name, m)][1] / 1e9:.1f} GFLOP/s "
+            f"({flops[(name, m)] / totals[(name, m)][1] / rate:.2f} of the matmul rate)" for m in methods))
     results = []
     for ours_name in methods[1:]:
         tag = "" if ours_name == "ours" else "_compiled"

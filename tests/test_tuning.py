@@ -155,16 +155,20 @@ def _varied(n: int) -> list:
             for k in range(n)]
 
 
+@pytest.mark.parametrize("attention", ["written out", "sdpa"])
 @pytest.mark.parametrize(("method", "params"), [
     ("soft", {}), ("deep", {"layers": [0, 2]}), ("deep", {"layers": [1, 3], "soft": False}), (None, {})])
-def test_block_loop_gives_the_models_own_loss_and_gradient(tiny_lm, method, params):
+def test_block_loop_gives_the_models_own_loss_and_gradient(tiny_lm, monkeypatch, method, params, attention):
     """answer_loss runs LLaMA blocks as one loop (prompt rows once per batch, q/k/v and gate/up as one product
     each, the last block at the read positions only); the model's own forward with the prompt's hooks gives
-    the same loss and the same gradient on every prompt tensor, on padded rows with several answer tokens."""
+    the same loss and the same gradient on every prompt tensor, on padded rows with several answer tokens,
+    with short attentions written out and with SDPA (long sequences)."""
     from core.tuning import blocks
     from core.tuning.loss import hooked_answer_loss
 
     assert blocks.supported(tiny_lm.model)
+    if attention == "sdpa":
+        monkeypatch.setattr(blocks, "EAGER_ATTENTION_MAX_LEN", 0)
     batch = collate(encode_examples(tiny_lm.tokenizer, _varied(6)), tiny_lm.tokenizer.pad_token_id)
     assert len(set(batch.rows.tolist())) == 6 and len(batch.rows) > 6
     prompt = None
@@ -186,6 +190,29 @@ def test_block_loop_gives_the_models_own_loss_and_gradient(tiny_lm, method, para
     for name, grad in hooked_grads.items():
         assert grad.abs().sum() > 0
         torch.testing.assert_close(loop_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_projections_are_views_and_leave_the_model_unchanged():
+    """q|k|v and gate|up stored side by side: the modules' weights become views (no second copy), the model's
+    output is bit-identical, and a later call finds the same tensors instead of copying again."""
+    from core.models import tiny_llama
+    from core.tuning.blocks import fuse_projections
+
+    lm = tiny_llama()
+    ids = torch.randint(0, 1000, (2, 7))
+    with torch.no_grad():
+        before = lm.model(ids).logits
+    layer = lm.model.model.layers[1]
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv, bias, gate_up = fuse_projections(layer)
+    assert bias is None and qkv.shape[0] == attn.q_proj.out_features + 2 * attn.k_proj.out_features
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == gate_up.untyped_storage().data_ptr()
+    torch.testing.assert_close(qkv[: attn.q_proj.out_features], attn.q_proj.weight, rtol=0, atol=0)
+    again = fuse_projections(layer)
+    assert again[0].data_ptr() == qkv.data_ptr() and again[2].data_ptr() == gate_up.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, before)
 
 
 @pytest.mark.parametrize("method", ["soft", "deep"])

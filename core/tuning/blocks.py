@@ -9,7 +9,9 @@ and less work:
   rate on CPU);
 - a block's deep vectors [n, d] only serve as keys and values there (their outputs are cut), and they are
   the same in every row: their keys and values are computed once, not their attention or MLP;
-- q/k/v and gate/up are each one product against weights stored side by side (`fuse_projections`);
+- q/k/v and gate/up are each one product against weights stored side by side (`fuse_projections`), and
+  RoPE turns q and k once, on the stacked rows;
+- short attentions are written out on CPU (`_attend`), long ones and CUDA use SDPA;
 - in the last block only the positions the loss reads need a query, an attention output and the MLP.
 Positions follow the hooks: in a block with n deep vectors those take 0..n-1 and the sequence (soft
 prompt, then tokens) n.. onwards. Training pads on the right and passes no mask: attention is causal.
@@ -18,14 +20,12 @@ prompt, then tokens) n.. onwards. Training pads on the right and passes no mask:
 from __future__ import annotations
 
 import threading
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_FUSE_LOCK = threading.Lock()
-_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> (qkv weight, qkv bias, gate_up weight)
+_FUSE_LOCK = threading.Lock()  # two jobs on one model (the dashboard) must not both restack its weights
 
 
 def llama_block(layer: nn.Module) -> bool:
@@ -48,16 +48,16 @@ def _plain(*modules: nn.Module) -> bool:
 
 
 def _side_by_side(parts: list[torch.Tensor]) -> torch.Tensor | None:
-    """The tensor the row-blocks `parts` are consecutive views of, or None."""
+    """The tensor the row-blocks `parts` are consecutive views of (one storage), or None."""
     base = parts[0]
-    if not all(p.is_contiguous() and p.dtype == base.dtype and p.device == base.device for p in parts):
-        return None
-    start, offset = base.data_ptr(), 0
+    storage = base.untyped_storage().data_ptr()
+    offset = base.storage_offset()
     for p in parts:
-        if p.data_ptr() != start + offset * p.element_size():
-            return None
+        if (not p.is_contiguous() or p.dtype != base.dtype or p.device != base.device
+                or p.untyped_storage().data_ptr() != storage or p.storage_offset() != offset):
+            return None  # tensors that merely sit next to each other in memory are not one tensor
         offset += p.numel()
-    return base.as_strided((sum(p.shape[0] for p in parts), *base.shape[1:]), base.stride())
+    return base.as_strided((sum(p.shape[0] for p in parts), *base.shape[1:]), base.stride(), base.storage_offset())
 
 
 def fuse_projections(layer: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -92,12 +92,33 @@ def fuse_projections(layer: nn.Module) -> tuple[torch.Tensor | None, torch.Tenso
         return fused[0], qkv_bias, fused[1]
 
 
-def _qkv(attn: nn.Module, x: torch.Tensor, weight: torch.Tensor | None,
-         bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _project(attn: nn.Module, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+             cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stacked rows x [R, d] -> q [R, H, dh] and k [R, KV, dh] with RoPE at each row's position (cos/sin
+    [R, 1, dh]; q and k rotated as one tensor), and v [R, KV, dh]."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    rows, head_dim = x.shape[0], attn.head_dim
     if weight is None:
-        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    q_size, kv_size = attn.q_proj.out_features, attn.k_proj.out_features
-    return F.linear(x, weight, bias).split([q_size, kv_size, kv_size], dim=-1)
+        qk = torch.cat([attn.q_proj(x), attn.k_proj(x)], dim=-1).view(rows, -1, head_dim)
+        v = attn.v_proj(x).view(rows, -1, head_dim)
+    else:
+        out = F.linear(x, weight, bias)  # [R, (H + 2 KV) dh]
+        split = attn.q_proj.out_features + attn.k_proj.out_features
+        qk, v = out[:, :split].view(rows, -1, head_dim), out[:, split:].view(rows, -1, head_dim)
+    qk = qk * cos + rotate_half(qk) * sin
+    heads = attn.q_proj.out_features // head_dim
+    return qk[:, :heads], qk[:, heads:], v
+
+
+def _row_rotary(decoder: nn.Module, h: torch.Tensor, n: int, shared: int, batch: int,
+                length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos/sin [R, 1, dh] for stacked rows [n deep, S prompt, B x T tokens] at positions 0..n+S-1, then
+    n+S+t for token t of every row."""
+    positions = torch.cat([torch.arange(n + shared, device=h.device),
+                           n + shared + torch.arange(length, device=h.device).repeat(batch)])
+    cos, sin = decoder.rotary_emb(h, position_ids=positions.unsqueeze(0))  # [1, R, dh]
+    return cos[0, :, None], sin[0, :, None]
 
 
 def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: torch.Tensor | None) -> torch.Tensor:
@@ -107,21 +128,42 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: torch.Tensor | None) -> torch
     return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on one tensor [B, heads, T, dh] with cos/sin [B or 1, T, dh] (apply_rotary_pos_emb rotates two)."""
-    from transformers.models.llama.modeling_llama import rotate_half
-
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
-
-
-def _per_row(x: torch.Tensor, shared: int, batch: int, length: int, head_dim: int) -> torch.Tensor:
-    """Stacked rows [S + B*T, heads*dh] (S shared prompt rows, then B rows of T tokens) -> [B, heads, S+T, dh]."""
-    tokens = x[shared:].view(batch, length, -1, head_dim)
+def _per_row(x: torch.Tensor, shared: int, batch: int, length: int) -> torch.Tensor:
+    """Stacked rows [S + B*T, heads, dh] (S shared prompt rows, then B rows of T tokens) -> [B, heads, S+T, dh]."""
+    tokens = x[shared:].view(batch, length, *x.shape[1:])
     if shared:
-        prompt = x[:shared].view(1, shared, -1, head_dim).expand(batch, -1, -1, -1)
-        tokens = torch.cat([prompt, tokens], dim=1)
+        tokens = torch.cat([x[:shared].unsqueeze(0).expand(batch, -1, -1, -1), tokens], dim=1)
     return tokens.transpose(1, 2)
+
+
+# On CPU, short attentions run faster written out (two grouped-head matmuls, fp32 softmax, as transformers'
+# eager attention does) than through SDPA: 2.3 vs 3.8 ms forward and backward for 8 rows of 20 + 26 positions
+# (SmolLM2's 9 query / 3 key-value heads, bf16, 2 threads), where the SDPA math kernel copies keys and values
+# per query head; the fused SDPA kernel wins on long sequences (core.tuning.loss.CPU_MATH_ATTENTION_MAX_LEN).
+EAGER_ATTENTION_MAX_LEN = 128
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
+            scale: float) -> torch.Tensor:
+    """Attention of q [B, H, Lq, dh] over k, v [B, KV, Lk, dh] (H a multiple of KV, grouped heads), returning
+    [B, H, Lq, dh]; allowed: bool, broadcastable to [B, 1, Lq, Lk] (True = attend), or None for causal."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    batch, heads, lq, head_dim = q.shape
+    kv, lk = k.shape[1], k.shape[2]
+    if q.device.type != "cpu" or lk > EAGER_ATTENTION_MAX_LEN:
+        if allowed is None:
+            return sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return sdpa(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True)
+    if allowed is None:
+        allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+    allowed = allowed.expand(batch, 1, lq, lk).unsqueeze(2)  # [B, 1, 1, Lq, Lk]
+    group = heads // kv  # query head h reads key-value head h // group, as repeat_kv lays them out
+    scores = torch.matmul(q.reshape(batch, kv, group * lq, head_dim), k.transpose(-1, -2))  # [B, KV, g*Lq, Lk]
+    scores = scores.view(batch, kv, group, lq, lk).float() * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = scores.softmax(dim=-1).to(q.dtype).view(batch, kv, group * lq, lk)
+    return torch.matmul(probs, v).view(batch, heads, lq, head_dim)
 
 
 def _read_positions(rows: torch.Tensor, cols: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,15 +189,13 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
     deep: {block: [n, d]} vectors prepended at those blocks.
     cols: token columns (0..T-1) whose hidden state is read, grouped by row as `collate` makes them.
     """
-    from torch.nn.functional import scaled_dot_product_attention as sdpa
-
     decoder = model.model
     layers = decoder.layers
     last = len(layers) - 1
     if not 0 <= start <= last:
         raise ValueError(f"start block {start} is outside the model's blocks 0..{last}")
     if prefix is not None and start:
-        raise ValueError("a soft prompt enters at block 0; got start block {start}")
+        raise ValueError(f"a soft prompt enters at block 0; got start block {start}")
     batch, length, width = hidden.shape
     device, dtype = hidden.device, hidden.dtype
     shared = 0 if prefix is None else prefix.shape[0]
@@ -163,7 +203,7 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
     h = hidden.reshape(batch * length, width)
     if shared:
         h = torch.cat([prefix.to(dtype), h])  # [S + B*T, d]
-    rotary: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # deep count -> cos, sin [1, n + S + T, dh]
+    rotary: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # deep count -> cos, sin [n + S + B*T, 1, dh]
     for index in range(start, last + 1):
         layer = layers[index]
         attn = layer.self_attn
@@ -171,30 +211,23 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
         vectors = deep.get(index)
         n = 0 if vectors is None else vectors.shape[0]
         if n not in rotary:
-            positions = torch.arange(n + seq, device=device).unsqueeze(0)
-            rotary[n] = decoder.rotary_emb(h, position_ids=positions)
-        cos, sin = rotary[n]
+            rotary[n] = _row_rotary(decoder, h, n, shared, batch, length)
         x = layer.input_layernorm(h)
         if n:  # the deep vectors ride along in the projection; only their keys and values are used
             x = torch.cat([layer.input_layernorm(vectors.to(dtype)), x])
-        q, k, v = _qkv(attn, x, qkv_weight, qkv_bias)  # [n + S + B*T, ...]
-        dh = attn.head_dim
+        q, k, v = _project(attn, x, qkv_weight, qkv_bias, *rotary[n])  # [n + S + B*T, heads, dh]
         kd, vd = k[:n], v[:n]
-        q, k, v = q[n:], _per_row(k[n:], shared, batch, length, dh), _per_row(v[n:], shared, batch, length, dh)
-        k = _rotate(k, cos[:, n:], sin[:, n:])  # [B, KV, S+T, dh]
-        if n:
-            kd = _rotate(kd.view(1, n, -1, dh).transpose(1, 2), cos[:, :n], sin[:, :n])  # [1, KV, n, dh]
-            vd = vd.view(1, n, -1, dh).transpose(1, 2)
-            k = torch.cat([kd.expand(batch, -1, -1, -1), k], dim=2)  # [B, KV, n+S+T, dh]
-            v = torch.cat([vd.expand(batch, -1, -1, -1), v], dim=2)
+        q, k, v = q[n:], _per_row(k[n:], shared, batch, length), _per_row(v[n:], shared, batch, length)
+        if n:  # [n, KV, dh] -> [B, KV, n, dh] before the sequence's keys and values
+            k = torch.cat([kd.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1), k], dim=2)
+            v = torch.cat([vd.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1), v], dim=2)
         key_at = torch.arange(n + seq, device=device) - n  # deep keys at < 0: every query sees them
         if index < last:
-            q = _rotate(_per_row(q, shared, batch, length, dh), cos[:, n:], sin[:, n:])  # [B, H, S+T, dh]
+            q = _per_row(q, shared, batch, length)  # [B, H, S+T, dh]
+            allowed = None  # causal
             if n:
                 allowed = key_at[None, :] <= torch.arange(seq, device=device)[:, None]  # [S+T, n+S+T]
-                out = sdpa(q, k, v, attn_mask=allowed[None, None], scale=attn.scaling, enable_gqa=True)
-            else:
-                out = sdpa(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)  # [B, H, S+T, dh]
+            out = _attend(q, k, v, allowed, attn.scaling)  # [B, H, S+T, dh]
             out = out.transpose(1, 2)  # [B, S+T, H, dh]
             tokens = out[:, shared:].reshape(batch * length, -1)
             if shared:  # the prompt's rows are the same in every row: row 0's, once
@@ -205,10 +238,9 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
         else:  # the last block: queries only where the loss reads, A per row (padded with the row's last one)
             read_at, slot = _read_positions(rows, cols, batch)  # [B, A] token columns, [N] each read's slot
             every = torch.arange(batch, device=device)[:, None]
-            q = q[shared:].view(batch, length, -1, dh)[every, read_at].transpose(1, 2)  # [B, H, A, dh]
-            q = _rotate(q, cos[0, n + shared + read_at], sin[0, n + shared + read_at])
+            q = q[shared:].view(batch, length, *q.shape[1:])[every, read_at].transpose(1, 2)  # [B, H, A, dh]
             allowed = key_at <= (shared + read_at)[:, None, :, None]  # [B, 1, A, n+S+T]
-            out = sdpa(q, k, v, attn_mask=allowed, scale=attn.scaling, enable_gqa=True)  # [B, H, A, dh]
+            out = _attend(q, k, v, allowed, attn.scaling)  # [B, H, A, dh]
             h_read = h[shared:].view(batch, length, width)[every, read_at]
             h_read = h_read + attn.o_proj(out.transpose(1, 2).reshape(batch, read_at.shape[1], -1))  # [B, A, d]
             h_read = h_read[rows, slot]  # [N, d], in the order of (rows, cols)

@@ -15,6 +15,7 @@ from core.tuning.batches import Batch
 
 # On CPU, the fused (flash) SDPA kernel's backward costs ~10x its forward on short sequences, where the plain
 # math kernel is ~1.4x faster per step (8 x 46 positions, bf16); from ~300 positions on, the fused one wins (~2x).
+# (The block loop, core.tuning.blocks, writes short attentions out instead: faster still.)
 CPU_MATH_ATTENTION_MAX_LEN = 128
 
 
@@ -63,12 +64,9 @@ def answer_loss(model: nn.Module, prompt: PromptModule | None, batch: Batch,
         dtype = hidden.dtype
         prefix = prompt.prefix(1, dtype)[0] if prompt is not None and prompt.n_prefix else None  # [S, d]
         deep = {index: v.to(dtype) for index, v in vectors.items()}
-        longest = hidden.shape[1] + (0 if prefix is None else prefix.shape[0]) + max(
-            (v.shape[0] for v in deep.values()), default=0)
-        with attention_backend(device, longest):
-            # position p predicts token p+1: the answer token at column c is read from column c-1
-            rows = blocks.answer_rows(model, hidden, batch.start_layer, prefix, deep, batch.rows, batch.cols - 1)
-            logits = model.lm_head(rows)  # [N, V]
+        # position p predicts token p+1: the answer token at column c is read from column c-1
+        rows = blocks.answer_rows(model, hidden, batch.start_layer, prefix, deep, batch.rows, batch.cols - 1)
+        logits = model.lm_head(rows)  # [N, V]
     return F.cross_entropy(logits.float(), batch.labels, reduction="sum")
 
 
