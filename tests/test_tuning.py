@@ -126,14 +126,17 @@ def test_loss_counts_answer_tokens_only(tiny_lm):
 
 
 def test_shared_prefix_gives_the_concatenated_loss_and_gradient(tiny_lm):
-    """The soft prompt's keys/values are computed once per batch and shared by its rows: same loss, same gradient."""
+    """Through the model's own forward (models the block loop does not run), the soft prompt's keys/values are
+    computed once per batch and shared by its rows through the KV cache: same loss, same gradient."""
+    from core.tuning.loss import hooked_answer_loss
+
     batch = _batch(tiny_lm, DATA[0])
     results = []
     for shared in (True, False):
         prompt = build_prompt("soft", tiny_lm.hidden_size, tiny_lm.num_layers, n_tokens=4)
         prompt.load_tensors({"soft": _init("soft", tiny_lm)["soft"][:4]})
         prompt.prefix_only = shared  # False: the prompt is concatenated to every row
-        loss = answer_loss(tiny_lm.model, prompt, batch)
+        loss = hooked_answer_loss(tiny_lm.model, prompt, batch)
         loss.backward()
         results.append((loss.detach(), prompt.soft.grad.clone()))
     (loss_shared, grad_shared), (loss_concat, grad_concat) = results
