@@ -4,10 +4,13 @@
 
 Deep prompts at the last k of L blocks without a token-level soft prompt (`--no-soft`): the residual stream
 entering the first prompted block does not depend on anything trained, so `core.tuning.cached` computes it once
-per example and each step runs k blocks instead of L. Both sides train the same prompt on the same real batches at
-compute "auto"; the full side is what the paper's code does (the whole model every step). Reported: the median
-step time with the cache warm (every later epoch), the first-epoch step (which also fills the cache), and the
-largest loss difference between the two paths over the measured steps.
+per example and each step runs k blocks instead of L. All sides train the same prompt on the same real batches at
+compute "auto" and are timed interleaved, step by step:
+- full: our uncached path (`cached_activations=False`: the block loop from block 0, core.tuning.blocks);
+- paper: the whole model every step through its own forward with the prompt's hooks, as the paper's code runs it
+  (`core.tuning.loss.hooked_answer_loss`), what a user of that code would run instead.
+Reported: the median step time with the cache warm (every later epoch), the first-epoch step (which also fills
+the cache), and the largest loss difference between the cached and full paths over the measured steps.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from core.models import load_model  # noqa: E402
 from core.tuning import answer_loss, build_prompt, collate, compute_model, encode_examples  # noqa: E402
 from core.tuning.batches import epoch_batches  # noqa: E402
 from core.tuning.cached import ResidualCache  # noqa: E402
+from core.tuning.loss import hooked_answer_loss  # noqa: E402
 
 
 def main() -> int:
@@ -56,12 +60,12 @@ def main() -> int:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     cache = ResidualCache(lm, model, amp, start=layers[0])
 
-    def step(group: list, cached: bool) -> tuple[float, float]:
+    def step(group: list, cached: bool, paper: bool = False) -> tuple[float, float]:
         batch = collate(group, lm.tokenizer.pad_token_id).to(lm.device)
         if cached:
             batch.residual, batch.start_layer = cache.batch(group), cache.start
         start = time.perf_counter()
-        loss = answer_loss(model, prompt, batch, amp) / batch.n_answer
+        loss = (hooked_answer_loss if paper else answer_loss)(model, prompt, batch, amp) / batch.n_answer
         loss.backward()
         prompt.zero_grad(set_to_none=True)
         if lm.device.type == "cuda":
@@ -73,22 +77,27 @@ def main() -> int:
         start = time.perf_counter()
         cache.get(group)
         first_epoch.append(time.perf_counter() - start + step(group, cached=True)[0])
-    full, warm, diffs = [], [], []
+    full, warm, paper, diffs = [], [], [], []
     for group in batches:
         t_full, loss_full = step(group, cached=False)
         t_warm, loss_warm = step(group, cached=True)
+        paper.append(step(group, cached=False, paper=True)[0])
         full.append(t_full)
         warm.append(t_warm)
         diffs.append(abs(loss_full - loss_warm) / abs(loss_full))
     t_full, t_warm, t_first = statistics.median(full), statistics.median(warm), statistics.median(first_epoch)
+    t_paper = statistics.median(paper)
     tokens = statistics.median(sum(len(x.ids) for x in g) for g in batches)
     print(f"{args.dataset}: {len(batches)} batches of {args.batch_size} (median {tokens:.0f} tokens); deep prompts at "
           f"blocks {layers[0]}..{layers[-1]} of {lm.num_layers}; largest relative loss difference {max(diffs):.2e}")
-    print(f"step: full forward {t_full:.3f} s, cached (warm) {t_warm:.3f} s, cached first epoch {t_first:.3f} s")
+    print(f"step: full forward {t_full:.3f} s, cached (warm) {t_warm:.3f} s, cached first epoch {t_first:.3f} s, "
+          f"the paper's hooked full forward {t_paper:.3f} s")
     print(f"RESULT deep_cached_step_k{args.k}_vs_full_forward ratio={t_full / t_warm:.2f} ours={t_warm:.4f} "
           f"theirs={t_full:.4f} unit=s")
     print(f"RESULT deep_cached_first_epoch_step_k{args.k}_vs_full_forward ratio={t_full / t_first:.2f} "
           f"ours={t_first:.4f} theirs={t_full:.4f} unit=s")
+    print(f"RESULT deep_cached_step_k{args.k}_vs_paper_forward ratio={t_paper / t_warm:.2f} ours={t_warm:.4f} "
+          f"theirs={t_paper:.4f} unit=s")
     return 0
 
 
