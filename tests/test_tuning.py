@@ -195,6 +195,17 @@ def test_block_loop_gives_the_models_own_loss_and_gradient(tiny_lm, monkeypatch,
         torch.testing.assert_close(loop_grads[name], grad, rtol=1e-4, atol=1e-6)
 
 
+def test_a_deep_prompt_for_another_depth_is_refused_by_both_forwards(tiny_lm):
+    """A deep prompt built for a deeper model must not silently lose the vectors past this model's last block."""
+    from core.tuning.loss import hooked_answer_loss
+
+    prompt = build_prompt("deep", tiny_lm.hidden_size, tiny_lm.num_layers + 2, n_tokens=3)
+    batch = _batch(tiny_lm, DATA[0])
+    for loss_fn in (answer_loss, hooked_answer_loss):
+        with pytest.raises(ValueError, match=f"built for {tiny_lm.num_layers + 2} layers; the model has"):
+            loss_fn(tiny_lm.model, prompt, batch)
+
+
 def test_fused_projections_are_views_and_leave_the_model_unchanged():
     """q|k|v and gate|up stored side by side: the modules' weights become views (no second copy), the model's
     output is bit-identical, and a later call finds the same tensors instead of copying again."""

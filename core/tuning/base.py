@@ -67,9 +67,10 @@ class PromptModule(nn.Module):
         """Token-level prompt for a batch, [B, n, d]."""
         raise NotImplementedError
 
-    def block_vectors(self) -> dict[int, torch.Tensor] | None:
-        """{block: [n, d]} vectors this prompt's hooks prepend at decoder blocks, when that is all its hooks do
-        (the loss can then run its own block loop, core.tuning.blocks); None when they do anything else."""
+    def block_vectors(self, model: nn.Module) -> dict[int, torch.Tensor] | None:
+        """{block: [n, d]} vectors this prompt's hooks would prepend at `model`'s decoder blocks, when that is all
+        its hooks do (the loss can then run its own block loop, core.tuning.blocks); None when they do anything
+        else. Raises, as `hooks` does, where the prompt does not fit the model."""
         return None
 
     @contextlib.contextmanager

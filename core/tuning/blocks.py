@@ -196,6 +196,10 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
         raise ValueError(f"start block {start} is outside the model's blocks 0..{last}")
     if prefix is not None and start:
         raise ValueError(f"a soft prompt enters at block 0; got start block {start}")
+    outside = sorted(i for i in deep if not start <= i <= last)
+    if outside:
+        raise ValueError(f"deep vectors at blocks {outside} are outside blocks {start}..{last}, the ones this pass "
+                         f"runs: prompt layers must be below the model's depth and at or above the cached start block")
     batch, length, width = hidden.shape
     device, dtype = hidden.device, hidden.dtype
     shared = 0 if prefix is None else prefix.shape[0]

@@ -130,15 +130,19 @@ class DeepPrompt(PromptModule):
         soft = {"soft": self.soft} if self.soft is not None else {}
         return {**soft, **{f"deep.{k}": v for k, v in self.deep.items()}}
 
-    def block_vectors(self) -> dict[int, torch.Tensor]:
+    def _check_depth(self, model: nn.Module) -> None:
+        if len(model.model.layers) != self.config.num_layers:
+            raise ValueError(f"this deep prompt was built for {self.config.num_layers} layers; "
+                             f"the model has {len(model.model.layers)}")
+
+    def block_vectors(self, model: nn.Module) -> dict[int, torch.Tensor]:
+        self._check_depth(model)
         return {int(index): vectors for index, vectors in self.deep.items()}
 
     @contextlib.contextmanager
     def hooks(self, model: nn.Module) -> Iterator[None]:
+        self._check_depth(model)
         layers = model.model.layers
-        if len(layers) != self.config.num_layers:
-            raise ValueError(f"this deep prompt was built for {self.config.num_layers} layers; "
-                             f"the model has {len(layers)}")
         rotary = model.model.rotary_emb
         handles = []
         if 0 in self.config.layers:

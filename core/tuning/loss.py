@@ -47,7 +47,7 @@ def answer_loss(model: nn.Module, prompt: PromptModule | None, batch: Batch,
     prompt's rows once per batch, fused projections); other models and prompts run the model's own forward
     with the prompt's hooks (`hooked_answer_loss`, the same numbers).
     """
-    vectors = {} if prompt is None else prompt.block_vectors()
+    vectors = {} if prompt is None else prompt.block_vectors(model)
     if batch.residual is not None and prompt is not None and prompt.n_prefix:
         raise ValueError("a cached residual stream cannot take a token-level prompt: train deep prompts with "
                          "soft=False (--no-soft), or drop the cached residuals")

@@ -33,5 +33,5 @@ class SoftPrompt(PromptModule):
     def named_tensors(self) -> dict[str, nn.Parameter]:
         return {"soft": self.soft}
 
-    def block_vectors(self) -> dict[int, torch.Tensor]:
+    def block_vectors(self, model: nn.Module) -> dict[int, torch.Tensor]:
         return {}  # no hooks
