@@ -9,7 +9,8 @@ dtype `core.compute` picks for this CPU ("auto": bf16 only where bf16 matmuls ar
   the answer, `model(input_ids, attention_mask, labels).loss.backward()`, under `torch.autocast("cpu", bfloat16)`
   where the chosen dtype is bf16 (what a user of PEFT would run on this device), in plain fp32 otherwise.
 - ours: `core.tuning` at compute "auto" (bf16 weights made once when bf16, batches bucketed by length, the
-  prompt's keys and values computed once per batch and shared by its rows, logits only at answer positions).
+  block loop of core.tuning.blocks: the prompt's rows once per batch, fused projections, short attentions
+  written out, the last block and logits only at answer positions).
 Each round passes every example once per method and dataset, interleaved (PEFT, ours, PEFT, ours ...); the first
 round is a warm-up, and tokens/s is the median over the measured rounds. Tokens are real (non-pad) tokens,
 identical for both. Peak memory is the RSS high-water mark

@@ -195,6 +195,36 @@ def test_block_loop_gives_the_models_own_loss_and_gradient(tiny_lm, monkeypatch,
         torch.testing.assert_close(loop_grads[name], grad, rtol=1e-4, atol=1e-6)
 
 
+def test_block_loop_with_biased_projections_gives_the_models_own_loss(tiny_lm):
+    """LLaMA configs may put biases on q/k/v and the MLP: stacked as the weights are, same loss and gradient."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    from core.tuning.loss import hooked_answer_loss
+
+    config = copy.deepcopy(tiny_lm.model.config)
+    config.attention_bias = config.mlp_bias = True
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            param.normal_(std=0.1)
+    batch = collate(encode_examples(tiny_lm.tokenizer, _varied(4)), tiny_lm.tokenizer.pad_token_id)
+    prompt = build_prompt("deep", tiny_lm.hidden_size, tiny_lm.num_layers, n_tokens=3, layers=[1])
+    prompt.load_tensors({k: torch.randn(v.shape) for k, v in prompt.named_tensors().items()})
+    results = []
+    for loss_fn in (answer_loss, hooked_answer_loss):
+        loss = loss_fn(model, prompt, batch)
+        loss.backward()
+        results.append((loss.detach(), prompt.soft.grad.clone()))
+        prompt.zero_grad(set_to_none=True)
+    assert model.model.layers[0].self_attn.k_proj.bias.untyped_storage().data_ptr() == \
+        model.model.layers[0].self_attn.q_proj.bias.untyped_storage().data_ptr()
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
+
+
 def test_a_deep_prompt_for_another_depth_is_refused_by_both_forwards(tiny_lm):
     """A deep prompt built for a deeper model must not silently lose the vectors past this model's last block."""
     from core.tuning.loss import hooked_answer_loss
@@ -218,13 +248,14 @@ def test_fused_projections_are_views_and_leave_the_model_unchanged():
         before = lm.model(ids).logits
     layer = lm.model.model.layers[1]
     attn, mlp = layer.self_attn, layer.mlp
-    qkv, bias, gate_up = fuse_projections(layer)
-    assert bias is None and qkv.shape[0] == attn.q_proj.out_features + 2 * attn.k_proj.out_features
+    (qkv, bias), (gate_up, gate_up_bias) = fuse_projections(layer)
+    assert bias is None and gate_up_bias is None
+    assert qkv.shape[0] == attn.q_proj.out_features + 2 * attn.k_proj.out_features
     assert attn.k_proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
     assert mlp.up_proj.weight.untyped_storage().data_ptr() == gate_up.untyped_storage().data_ptr()
     torch.testing.assert_close(qkv[: attn.q_proj.out_features], attn.q_proj.weight, rtol=0, atol=0)
     again = fuse_projections(layer)
-    assert again[0].data_ptr() == qkv.data_ptr() and again[2].data_ptr() == gate_up.data_ptr()
+    assert again[0][0].data_ptr() == qkv.data_ptr() and again[1][0].data_ptr() == gate_up.data_ptr()
     with torch.no_grad():
         assert torch.equal(lm.model(ids).logits, before)
 

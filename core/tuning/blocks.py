@@ -44,7 +44,7 @@ def supported(model: nn.Module) -> bool:
 
 
 def _plain(*modules: nn.Module) -> bool:
-    return all(type(m) is nn.Linear and not m.weight.requires_grad for m in modules)
+    return all(type(m) is nn.Linear and not any(p.requires_grad for p in m.parameters()) for m in modules)
 
 
 def _side_by_side(parts: list[torch.Tensor]) -> torch.Tensor | None:
@@ -60,50 +60,50 @@ def _side_by_side(parts: list[torch.Tensor]) -> torch.Tensor | None:
     return base.as_strided((sum(p.shape[0] for p in parts), *base.shape[1:]), base.stride(), base.storage_offset())
 
 
-def fuse_projections(layer: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(q|k|v weight, its bias or None, gate|up weight) of a frozen block, each one tensor; None where the
-    projections are not plain frozen `nn.Linear`s (e.g. int8), which are then called one by one.
+def _stack(modules: list[nn.Module | None]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias or None) of plain frozen `nn.Linear`s as if they were one, their outputs side by side; None
+    where they are not (e.g. int8, or only some biased). The first call stores the weights (and biases) side by
+    side and makes the modules' own tensors views into them: the model computes as before, with no second copy."""
+    if any(m is None for m in modules) or not _plain(*modules) or len({m.bias is None for m in modules}) > 1:
+        return None
+    stacked = []
+    for name in ("weight", "bias"):
+        if getattr(modules[0], name) is None:
+            stacked.append(None)
+            continue
+        tensor = _side_by_side([getattr(m, name) for m in modules])
+        if tensor is None:  # first use (or the model moved)
+            tensor = torch.cat([getattr(m, name).detach() for m in modules])
+            start = 0
+            for m in modules:
+                size = getattr(m, name).shape[0]
+                setattr(m, name, nn.Parameter(tensor[start: start + size], requires_grad=False))
+                start += size
+        stacked.append(tensor)
+    return stacked[0], stacked[1]
 
-    The first call stores each pair or triple side by side and makes the modules' weights views into it,
-    so the model computes exactly as before and holds no second copy.
-    """
+
+def fuse_projections(layer: nn.Module) -> tuple[tuple | None, tuple | None]:
+    """((weight, bias) of q|k|v, (weight, bias) of gate|up) of a frozen block, each pair one product (`_stack`);
+    None for a group whose modules are called one by one."""
     attn, mlp = layer.self_attn, layer.mlp
     with _FUSE_LOCK:
-        qkv_mods = [attn.q_proj, attn.k_proj, attn.v_proj]
-        gu_mods = [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]
-        fused = []
-        for mods in (qkv_mods, gu_mods):
-            if any(m is None for m in mods) or not _plain(*mods):
-                fused.append(None)
-                continue
-            weight = _side_by_side([m.weight for m in mods])
-            if weight is None:  # first use (or the model moved): store side by side, weights become views
-                weight = torch.cat([m.weight.detach() for m in mods])
-                start = 0
-                for m in mods:
-                    m.weight = nn.Parameter(weight[start: start + m.weight.shape[0]], requires_grad=False)
-                    start += m.weight.shape[0]
-            fused.append(weight)
-        qkv_bias = None
-        if fused[0] is not None and attn.q_proj.bias is not None:
-            qkv_bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-        if fused[1] is not None and mlp.gate_proj.bias is not None:
-            fused[1] = None  # a biased MLP (not LLaMA's): called module by module
-        return fused[0], qkv_bias, fused[1]
+        return (_stack([attn.q_proj, attn.k_proj, attn.v_proj]),
+                _stack([getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]))
 
 
-def _project(attn: nn.Module, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-             cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _project(attn: nn.Module, x: torch.Tensor, qkv: tuple | None, cos: torch.Tensor,
+             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stacked rows x [R, d] -> q [R, H, dh] and k [R, KV, dh] with RoPE at each row's position (cos/sin
     [R, 1, dh]; q and k rotated as one tensor), and v [R, KV, dh]."""
     from transformers.models.llama.modeling_llama import rotate_half
 
     rows, head_dim = x.shape[0], attn.head_dim
-    if weight is None:
+    if qkv is None:
         qk = torch.cat([attn.q_proj(x), attn.k_proj(x)], dim=-1).view(rows, -1, head_dim)
         v = attn.v_proj(x).view(rows, -1, head_dim)
     else:
-        out = F.linear(x, weight, bias)  # [R, (H + 2 KV) dh]
+        out = F.linear(x, *qkv)  # [R, (H + 2 KV) dh]
         split = attn.q_proj.out_features + attn.k_proj.out_features
         qk, v = out[:, :split].view(rows, -1, head_dim), out[:, split:].view(rows, -1, head_dim)
     qk = qk * cos + rotate_half(qk) * sin
@@ -121,10 +121,10 @@ def _row_rotary(decoder: nn.Module, h: torch.Tensor, n: int, shared: int, batch:
     return cos[0, :, None], sin[0, :, None]
 
 
-def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: torch.Tensor | None) -> torch.Tensor:
+def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: tuple | None) -> torch.Tensor:
     if gate_up is None:
         return mlp(x)
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    gate, up = F.linear(x, *gate_up).chunk(2, dim=-1)
     return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
@@ -211,7 +211,7 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
     for index in range(start, last + 1):
         layer = layers[index]
         attn = layer.self_attn
-        qkv_weight, qkv_bias, gate_up = fuse_projections(layer)
+        qkv, gate_up = fuse_projections(layer)
         vectors = deep.get(index)
         n = 0 if vectors is None else vectors.shape[0]
         if n not in rotary:
@@ -219,7 +219,7 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
         x = layer.input_layernorm(h)
         if n:  # the deep vectors ride along in the projection; only their keys and values are used
             x = torch.cat([layer.input_layernorm(vectors.to(dtype)), x])
-        q, k, v = _project(attn, x, qkv_weight, qkv_bias, *rotary[n])  # [n + S + B*T, heads, dh]
+        q, k, v = _project(attn, x, qkv, *rotary[n])  # [n + S + B*T, heads, dh]
         kd, vd = k[:n], v[:n]
         q, k, v = q[n:], _per_row(k[n:], shared, batch, length), _per_row(v[n:], shared, batch, length)
         if n:  # [n, KV, dh] -> [B, KV, n, dh] before the sequence's keys and values

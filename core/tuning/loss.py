@@ -32,6 +32,10 @@ def attention_backend(device: torch.device, length: int):  # noqa: ANN201 - a co
 MIN_SHARED_PREFIX_SHARE = 0.15
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None):  # noqa: ANN202 - a context manager
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def shares_prefix(n_prefix: int, batch_size: int, length: int) -> bool:
     """Is a prefix of `n_prefix` vectors before `length` tokens in `batch_size` rows worth computing once per batch?"""
     return batch_size > 1 and n_prefix >= MIN_SHARED_PREFIX_SHARE * (n_prefix + length)
@@ -54,8 +58,7 @@ def answer_loss(model: nn.Module, prompt: PromptModule | None, batch: Batch,
     if vectors is None or not blocks.supported(model):
         return hooked_answer_loss(model, prompt, batch, autocast_dtype)
     device = batch.input_ids.device
-    amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-           else contextlib.nullcontext())
+    amp = _autocast(device, autocast_dtype)
     with amp:
         if batch.residual is not None:  # the cached stream entering block `start_layer` (core.tuning.cached)
             hidden = batch.residual
@@ -75,8 +78,7 @@ def hooked_answer_loss(model: nn.Module, prompt: PromptModule | None, batch: Bat
     """`answer_loss` through the model's own forward, with the prompt's hooks: any causal LM and prompt."""
     decoder = model.model
     device = batch.input_ids.device
-    amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-           else contextlib.nullcontext())
+    amp = _autocast(device, autocast_dtype)
     hooks = prompt.hooks(model) if prompt is not None else contextlib.nullcontext()
     if batch.residual is not None:  # deep prompts only, from the cached stream entering block `start_layer`
         from core.tuning.cached import forward_from_layer
