@@ -17,6 +17,12 @@ are token ids with the length profile of the real data (MATH: 25-45 prompt token
 Tokens/s counts real (non-pad) tokens, the same for both. The ceiling line divides our useful FLOP rate
 (4·N·tokens, N the non-embedding parameters, virtual tokens counted, plus 4·d·V per answer token) by this
 device's matrix-product rate in the chosen dtype (4096^3 on a GPU).
+
+With `--deep-k K` (default 3; 0 skips it) it also times deep prompt-tuning without a soft prompt at the last K
+blocks, one step from cached residuals (`core.tuning.cached.ResidualCache`, warm) against the uncached step from
+block 0, interleaved on the same batches, as `bench/bench_deep_cached.py` does on the real model. `--profile`
+counts each side's kernels and kernel time per step (torch.profiler), which says whether a step is bound by the
+device or by launching kernels.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from core.compute import decide, default_precision, matmul_gflops  # noqa: E402
-from core.tuning import answer_loss, build_prompt, collate  # noqa: E402
+from core.tuning import answer_loss, build_prompt, collate, compute_model  # noqa: E402
 from core.tuning.batches import Encoded, epoch_batches  # noqa: E402
 
 SHAPE_FILE = Path(__file__).with_name("smollm2-135m-shape.json")
@@ -71,8 +77,6 @@ def sync(device: torch.device) -> None:
 
 class Ours:
     def __init__(self, lm, items: list[Encoded], batch_size: int) -> None:  # noqa: ANN001
-        from core.tuning import compute_model
-
         self.model, self.amp = compute_model(lm, "auto")
         self.items, self.bs, self.device = items, batch_size, lm.device
         self.prompt = build_prompt("soft", lm.hidden_size, lm.num_layers, n_tokens=N_VIRTUAL).to(lm.device)
@@ -139,6 +143,65 @@ class Peft:
         return tokens, answers, rows
 
 
+def step_profile(runner, device: torch.device) -> tuple[float, int, float]:  # noqa: ANN001 - Ours or Peft
+    """(wall ms, kernels launched, ms of kernel time) per step over one pass of `runner`, from torch.profiler: a
+    step whose kernel time is far below its wall time is bound by launching kernels, not by the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        rows = runner.one_pass()[2]
+        sync(device)
+    wall = time.perf_counter() - start
+    steps = max(rows // runner.bs, 1)
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3  # us -> ms
+    return 1e3 * wall / steps, len(kernels) // steps, busy / steps
+
+
+def deep_cached(lm, items: list[Encoded], batch_size: int, k: int, rounds: int) -> tuple[float, float, float]:  # noqa: ANN001
+    """(median full step s, median cached step s, largest relative loss difference) for deep prompts at the last k."""
+    from core.tuning.cached import ResidualCache
+
+    model, amp = compute_model(lm, "auto")
+    layers = list(range(lm.num_layers - k, lm.num_layers))
+    prompt = build_prompt("deep", lm.hidden_size, lm.num_layers, n_tokens=N_VIRTUAL, layers=layers, soft=False)
+    prompt.to(lm.device)
+    with torch.no_grad():
+        for p in prompt.parameters():
+            p.normal_(std=0.02)
+    cache = ResidualCache(lm, model, amp, start=layers[0])
+    groups = [[items[i] for i in idx] for idx in epoch_batches(items, batch_size, seed=0, epoch=0)]
+
+    def step(group: list[Encoded], cached: bool) -> tuple[float, float]:
+        batch = collate(group, 0).to(lm.device)
+        if cached:
+            batch.residual, batch.start_layer = cache.batch(group), cache.start
+        sync(lm.device)
+        start = time.perf_counter()
+        loss = answer_loss(model, prompt, batch, amp) / batch.n_answer
+        loss.backward()
+        prompt.zero_grad(set_to_none=True)
+        sync(lm.device)
+        return time.perf_counter() - start, float(loss.detach())
+
+    for group in groups:  # warm-up; fills the cache
+        cache.get(group)
+        step(group, cached=False)
+        step(group, cached=True)
+    full, warm, diffs = [], [], []
+    for _ in range(rounds):
+        for group in groups:
+            t_full, loss_full = step(group, cached=False)
+            t_warm, loss_warm = step(group, cached=True)
+            full.append(t_full)
+            warm.append(t_warm)
+            diffs.append(abs(loss_full - loss_warm) / abs(loss_full))
+    return statistics.median(full), statistics.median(warm), max(diffs)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -148,12 +211,16 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--n", type=int, default=64, help="sequences per data profile")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds after one warm-up")
+    parser.add_argument("--profile", action="store_true", help="also count kernels and kernel time per step")
+    parser.add_argument("--deep-k", type=int, default=3, help="also time cached deep tuning at the last k (0: skip)")
     args = parser.parse_args()
     device = torch.device(args.device)
     precision = args.precision or (default_precision() if device.type == "cuda" else "fp32")
     model = random_llama(device, precision, args.layers)
     config = model.config
-    lm = SimpleNamespace(model=model, device=device, precision=precision, extra={}, fingerprint="random",
+    lm = SimpleNamespace(model=model, device=device, precision=precision, extra={},
+                         fingerprint=f"random-{config.num_hidden_layers}-{precision}",
+                         tokenizer=SimpleNamespace(pad_token_id=0),
                          hidden_size=config.hidden_size, num_layers=config.num_hidden_layers)
     decision = decide(lm)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
@@ -191,6 +258,20 @@ def main() -> int:
     useful = flops / seconds
     print(f"RESULT gpu_{decision.dtype}_matmul_ceiling ratio={useful / peak:.3f} ours={useful / 1e9:.1f} "
           f"theirs={peak / 1e9:.1f} unit=GFLOP/s")
+    if args.profile:
+        for kind in sets:
+            for method in ("peft", "ours"):
+                wall, kernels, busy = step_profile(runners[kind][method], device)
+                print(f"profile {kind:4s} {method:4s}: {wall:.1f} ms per step (profiled), {kernels} kernels, "
+                      f"{busy:.1f} ms of kernel time ({busy / wall:.0%} busy)")
+    if args.deep_k:
+        for kind, items in sets.items():
+            t_full, t_warm, diff = deep_cached(lm, items, args.batch_size, args.deep_k, args.rounds)
+            print(f"deep {kind}: blocks {config.num_hidden_layers - args.deep_k}..{config.num_hidden_layers - 1} of "
+                  f"{config.num_hidden_layers}, step full {t_full * 1e3:.1f} ms, cached {t_warm * 1e3:.1f} ms; largest "
+                  f"relative loss difference {diff:.2e}")
+            print(f"RESULT gpu_deep_cached_step_k{args.deep_k}_{kind}_vs_full_forward ratio={t_full / t_warm:.2f} "
+                  f"ours={t_warm:.4f} theirs={t_full:.4f} unit=s")
     return 0
 
 
