@@ -158,20 +158,22 @@ def _varied(n: int) -> list:
             for k in range(n)]
 
 
-@pytest.mark.parametrize("attention", ["written out", "sdpa"])
+@pytest.mark.parametrize("attention", ["one chunk", "chunks of 4", "sdpa"])
 @pytest.mark.parametrize(("method", "params"), [
     ("soft", {}), ("deep", {"layers": [0, 2]}), ("deep", {"layers": [1, 3], "soft": False}), (None, {})])
 def test_block_loop_gives_the_models_own_loss_and_gradient(tiny_lm, monkeypatch, method, params, attention):
     """answer_loss runs LLaMA blocks as one loop (prompt rows once per batch, q/k/v and gate/up as one product
     each, the last block at the read positions only); the model's own forward with the prompt's hooks gives
     the same loss and the same gradient on every prompt tensor, on padded rows with several answer tokens,
-    with short attentions written out and with SDPA (long sequences)."""
+    with the CPU's chunked attention (one chunk, and several with a partial last one) and with SDPA (CUDA's)."""
     from core.tuning import blocks
     from core.tuning.loss import hooked_answer_loss
 
     assert blocks.supported(tiny_lm.model)
+    if attention == "chunks of 4":
+        monkeypatch.setattr(blocks, "ATTENTION_CHUNK", 4)
     if attention == "sdpa":
-        monkeypatch.setattr(blocks, "EAGER_ATTENTION_MAX_LEN", 0)
+        monkeypatch.setattr(blocks, "_sdpa_attention", lambda device: True)
     batch = collate(encode_examples(tiny_lm.tokenizer, _varied(6)), tiny_lm.tokenizer.pad_token_id)
     assert len(set(batch.rows.tolist())) == 6 and len(batch.rows) > 6
     prompt = None
@@ -193,6 +195,27 @@ def test_block_loop_gives_the_models_own_loss_and_gradient(tiny_lm, monkeypatch,
     for name, grad in hooked_grads.items():
         assert grad.abs().sum() > 0
         torch.testing.assert_close(loop_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("lq", "lk", "chunk"), [(9, 9, 4), (7, 12, 3), (5, 5, 64)])
+def test_chunked_causal_attention_matches_sdpa_and_its_gradient_checks(monkeypatch, lq, lk, chunk):
+    """The CPU attention of the block loop: grouped heads, causal with the last query at the last key (earlier keys,
+    such as deep vectors, seen by every query), computed in chunks of queries with its own backward. Its output
+    equals SDPA's with the same mask, and its backward passes gradcheck (float64), also when q needs no gradient."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from core.tuning import blocks
+
+    monkeypatch.setattr(blocks, "ATTENTION_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, lq, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, lk, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+    expected = sdpa(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(blocks.CausalAttention.apply(q, k, v, 0.3), expected)
+    assert torch.autograd.gradcheck(lambda *t: blocks.CausalAttention.apply(*t, 0.3), (q, k, v))
+    frozen_q = q.detach()
+    assert torch.autograd.gradcheck(lambda *t: blocks.CausalAttention.apply(frozen_q, *t, 0.3), (k, v))
 
 
 def test_block_loop_with_biased_projections_gives_the_models_own_loss(tiny_lm):

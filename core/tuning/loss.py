@@ -15,7 +15,8 @@ from core.tuning.batches import Batch
 
 # On CPU, the fused (flash) SDPA kernel's backward costs ~10x its forward on short sequences, where the plain
 # math kernel is ~1.4x faster per step (8 x 46 positions, bf16); from ~300 positions on, the fused one wins (~2x).
-# (The block loop, core.tuning.blocks, writes short attentions out instead: faster still.)
+# This is the hooked forward's choice; the block loop (core.tuning.blocks) runs its own CPU attention, faster at
+# every length (blocks.CausalAttention).
 CPU_MATH_ATTENTION_MAX_LEN = 128
 
 
