@@ -40,8 +40,23 @@ def llama_block(layer: nn.Module) -> bool:
 
 
 def supported(model: nn.Module) -> bool:
-    """Can `answer_rows` run this model's blocks (else the model's own forward, with the prompt's hooks)?"""
-    return all(llama_block(layer) for layer in model.model.layers)
+    """Can `answer_rows` run this model's blocks (else the model's own forward, with the prompt's hooks)? LLaMA
+    models only: other decoders with LLaMA-shaped blocks may do more in their own forward (Gemma scales the
+    embeddings and adds one to its norms' weights)."""
+    config = getattr(model, "config", None)
+    return (getattr(config, "model_type", None) == "llama"
+            and all(llama_block(layer) for layer in model.model.layers))
+
+
+# Norms whose forward is exactly `weight * rms_norm(x in fp32).to(x.dtype)`; `_norm` computes that in one fused op
+# (forward and backward 11 vs 30 ms at 8 x 660 rows of 576 in bf16 on 2 threads, and bit-identical).
+_PLAIN_RMS_NORMS = ("LlamaRMSNorm",)
+
+
+def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if type(norm).__name__ not in _PLAIN_RMS_NORMS:
+        return norm(x)
+    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon).to(x.dtype)
 
 
 def _plain(*modules: nn.Module) -> bool:
@@ -95,10 +110,8 @@ def fuse_projections(layer: nn.Module) -> tuple[tuple | None, tuple | None]:
 
 def _project(attn: nn.Module, x: torch.Tensor, qkv: tuple | None, cos: torch.Tensor,
              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stacked rows x [R, d] -> q [R, H, dh] and k [R, KV, dh] with RoPE at each row's position (cos/sin
-    [R, 1, dh]; q and k rotated as one tensor), and v [R, KV, dh]."""
-    from transformers.models.llama.modeling_llama import rotate_half
-
+    """Stacked rows x [R, d] -> q [R, H, dh] and k [R, KV, dh] with RoPE at each row's position (cos and signed
+    sin [R, 1, dh] from `_row_rotary`; q and k rotated as one tensor), and v [R, KV, dh]."""
     rows, head_dim = x.shape[0], attn.head_dim
     if qkv is None:
         qk = torch.cat([attn.q_proj(x), attn.k_proj(x)], dim=-1).view(rows, -1, head_dim)
@@ -106,10 +119,12 @@ def _project(attn: nn.Module, x: torch.Tensor, qkv: tuple | None, cos: torch.Ten
     else:
         out = F.linear(x, *qkv)  # [R, (H + 2 KV) dh]
         split = attn.q_proj.out_features + attn.k_proj.out_features
-        qk, v = out[:, :split].view(rows, -1, head_dim), out[:, split:].view(rows, -1, head_dim)
-    qk = qk * cos + rotate_half(qk) * sin
+        # split, not two slices: its backward is one cat, where each slice's fills a zero tensor of the whole
+        qk, v = (part.view(rows, -1, head_dim) for part in out.split([split, out.shape[1] - split], dim=1))
+    qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin  # = transformers' q * cos + rotate_half(q) * sin
     heads = attn.q_proj.out_features // head_dim
-    return qk[:, :heads], qk[:, heads:], v
+    q, k = qk.split([heads, qk.shape[1] - heads], dim=1)
+    return q, k, v
 
 
 def _row_rotary(decoder: nn.Module, h: torch.Tensor, n: int, shared: int, batch: int,
@@ -119,7 +134,9 @@ def _row_rotary(decoder: nn.Module, h: torch.Tensor, n: int, shared: int, batch:
     positions = torch.cat([torch.arange(n + shared, device=h.device),
                            n + shared + torch.arange(length, device=h.device).repeat(batch)])
     cos, sin = decoder.rotary_emb(h, position_ids=positions.unsqueeze(0))  # [1, R, dh]
-    return cos[0, :, None], sin[0, :, None]
+    half = sin.shape[-1] // 2
+    signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # rotate_half's signs, folded in once
+    return cos[0, :, None], signed_sin[0, :, None]
 
 
 def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: tuple | None) -> torch.Tensor:
@@ -131,9 +148,10 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: tuple | None) -> torch.Tensor
 
 def _per_row(x: torch.Tensor, shared: int, batch: int, length: int) -> torch.Tensor:
     """Stacked rows [S + B*T, heads, dh] (S shared prompt rows, then B rows of T tokens) -> [B, heads, S+T, dh]."""
-    tokens = x[shared:].view(batch, length, *x.shape[1:])
+    prompt, tokens = x.split([shared, x.shape[0] - shared])
+    tokens = tokens.view(batch, length, *x.shape[1:])
     if shared:
-        tokens = torch.cat([x[:shared].unsqueeze(0).expand(batch, -1, -1, -1), tokens], dim=1)
+        tokens = torch.cat([prompt.unsqueeze(0).expand(batch, -1, -1, -1), tokens], dim=1)
     return tokens.transpose(1, 2)
 
 
@@ -301,12 +319,12 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
         n = 0 if vectors is None else vectors.shape[0]
         if n not in rotary:
             rotary[n] = _row_rotary(decoder, h, n, shared, batch, length)
-        x = layer.input_layernorm(h)
+        x = _norm(layer.input_layernorm, h)
         if n:  # the deep vectors ride along in the projection; only their keys and values are used
-            x = torch.cat([layer.input_layernorm(vectors.to(dtype)), x])
+            x = torch.cat([_norm(layer.input_layernorm, vectors.to(dtype)), x])
         q, k, v = _project(attn, x, qkv, *rotary[n])  # [n + S + B*T, heads, dh]
-        kd, vd = k[:n], v[:n]
-        q, k, v = q[n:], _per_row(k[n:], shared, batch, length), _per_row(v[n:], shared, batch, length)
+        (_, q), (kd, k), (vd, v) = (t.split([n, t.shape[0] - n]) for t in (q, k, v))
+        k, v = _per_row(k, shared, batch, length), _per_row(v, shared, batch, length)
         if n:  # [n, KV, dh] -> [B, KV, n, dh] before the sequence's keys and values
             k = torch.cat([kd.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1), k], dim=2)
             v = torch.cat([vd.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1), v], dim=2)
@@ -314,12 +332,13 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
             q = _per_row(q, shared, batch, length)  # [B, H, S+T, dh]
             out = _attend(q, k, v, None, attn.scaling)  # [B, H, S+T, dh]: causal, the n deep keys seen by all
             out = out.transpose(1, 2)  # [B, S+T, H, dh]
-            tokens = out[:, shared:].reshape(batch * length, -1)
+            prompt_out, tokens = out.split([shared, length], dim=1)
+            tokens = tokens.reshape(batch * length, -1)
             if shared:  # the prompt's rows are the same in every row: row 0's, once
-                tokens = torch.cat([out[0, :shared].reshape(shared, -1), tokens])
+                tokens = torch.cat([prompt_out[0].reshape(shared, -1), tokens])
             out = tokens  # [S + B*T, H*dh]
             h = h + attn.o_proj(out)
-            h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h), gate_up)
+            h = h + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h), gate_up)
         else:  # the last block: queries only where the loss reads, A per row (padded with the row's last one)
             read_at, slot = _read_positions(rows, cols, batch)  # [B, A] token columns, [N] each read's slot
             every = torch.arange(batch, device=device)[:, None]
@@ -330,6 +349,6 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
             h_read = h[shared:].view(batch, length, width)[every, read_at]
             h_read = h_read + attn.o_proj(out.transpose(1, 2).reshape(batch, read_at.shape[1], -1))  # [B, A, d]
             h_read = h_read[rows, slot]  # [N, d], in the order of (rows, cols)
-            h_read = h_read + _mlp(layer.mlp, layer.post_attention_layernorm(h_read), gate_up)
-            return decoder.norm(h_read)
+            h_read = h_read + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h_read), gate_up)
+            return _norm(decoder.norm, h_read)
     raise AssertionError("unreachable")
