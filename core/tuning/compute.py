@@ -14,7 +14,7 @@ import threading
 import torch
 from torch import nn
 
-from core.compute import COMPUTE_CHOICES, decide
+from core.compute import COMPUTE_CHOICES, decide, keep_freed_memory
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _LOCK = threading.Lock()
@@ -46,7 +46,10 @@ def compute_model(lm, compute: str = "auto", compiled: bool = False) -> tuple[nn
 
     compiled: a bf16 shadow with torch.compile'd decoder layers, for training steps (bf16 compute on an fp32
     model only; the first step pays the compilation, about a minute for SmolLM2 on 2 CPU cores).
+    On CPU this also asks malloc to keep freed memory for the next step (`core.compute.keep_freed_memory`).
     """
+    if lm.device.type == "cpu":
+        keep_freed_memory()
     if compute not in COMPUTE_CHOICES:
         raise ValueError(f"compute must be one of {', '.join(COMPUTE_CHOICES)}; got {compute!r}")
     compute = decide(lm, compute).dtype
