@@ -162,17 +162,16 @@ class _Layout:
         device = cols.device
         self.read_at, self.slot = _read_positions(rows, cols, batch)
         kept = self.read_at.max(dim=1).values + 1  # [B] each row's positions up to its last read
-        self.span = int(kept.max())
         first = torch.cumsum(kept, 0) - kept  # [B] each row's first kept token among the P
         row_of = torch.repeat_interleave(torch.arange(batch, device=device), kept)  # [P]
         self.column = torch.arange(len(row_of), device=device) - first[row_of]  # [P]
         self.source = row_of * length + self.column
         self.read_rows = first[:, None] + self.read_at  # [B, A]
-        slots = torch.arange(self.span, device=device)
+        slots = torch.arange(int(kept.max()), device=device)  # W
         token_slot = shared + first[:, None] + torch.minimum(slots[None, :], kept[:, None] - 1)  # [B, W]
         prompt_slot = torch.arange(shared, device=device).expand(batch, -1)  # [B, S]
         self.gather = torch.cat([prompt_slot, token_slot], dim=1).reshape(-1)  # [B*(S+W)]
-        seq = shared + self.span
+        seq = shared + len(slots)
         self.scatter = torch.cat([torch.arange(shared, device=device),  # the prompt's rows: row 0's
                                   row_of * seq + shared + self.column])
         self.batch, self.seq = batch, seq
