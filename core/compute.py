@@ -49,8 +49,8 @@ _PROBE_LOCK = threading.Lock()  # the dashboard's page threads ask at once: one 
 # zero: ~170k page faults per 8-row QA step of SmolLM2 here, and log_softmax over 96 x 49,152 logits took 121 ms
 # inside a step against 1.4 ms alone. Keeping freed memory for reuse, as the jemalloc/tcmalloc set-ups
 # recommended for PyTorch on CPU do, took a QA pass from 5.8-8.2 s to 5.5-6.3 s (alternating processes; MATH
-# unchanged); the process keeps its peak memory until exit. Not every process gets it: in ~1 of 6 here glibc
-# still maps big blocks afresh (its heap could not grow in place), and those steps run as before.
+# unchanged); the process keeps its peak memory until exit. Not every process gets it: glibc still maps big blocks
+# afresh where its heap cannot grow in place (1 fresh process in 6 here; 4 of 4 inside a full test run).
 KEEP_MMAP_THRESHOLD = 256 << 20  # blocks below this come from the heap, reused
 KEEP_TRIM_THRESHOLD = (1 << 31) - 1  # free memory at the heap's top kept up to this (mallopt takes a C int)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
