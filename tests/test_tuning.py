@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from core.evaluation import generate
 from core.runs import load_run
@@ -195,6 +196,33 @@ def test_block_loop_gives_the_models_own_loss_and_gradient(tiny_lm, monkeypatch,
     for name, grad in hooked_grads.items():
         assert grad.abs().sum() > 0
         torch.testing.assert_close(loop_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_head_gives_the_cross_entropy_of_the_logits_and_its_gradient(monkeypatch, dtype):
+    """The block loop's loss on CPU: the head and the summed cross-entropy in one pass over vocabulary chunks,
+    the gradient folded in with a running log-sum-exp. Loss and gradient equal logits-then-cross_entropy's, with
+    labels in several chunks (a partial last one) and logits large enough that a chunk's maximum moves; under
+    no_grad it computes the same loss and keeps nothing for a backward."""
+    from core.tuning import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "HEAD_CHUNK", 7)
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(40, 16, generator=gen) * 3).to(dtype)
+    rows = (torch.randn(5, 16, generator=gen) * 2).to(dtype).requires_grad_()
+    labels = torch.tensor([0, 39, 13, 13, 27])
+    assert loss_module.fused_head(torch.nn.Linear(16, 40, bias=False).requires_grad_(False).to(dtype), rows, labels)
+    expected = F.cross_entropy(F.linear(rows, weight).float(), labels, reduction="sum")
+    (expected_grad,) = torch.autograd.grad(expected, rows)
+    fused = loss_module.LinearCrossEntropy.apply(rows, weight, labels, True)
+    (fused_grad,) = torch.autograd.grad(fused, rows)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(fused, expected, **tol)
+    torch.testing.assert_close(fused_grad.float(), expected_grad.float(), **tol)
+    with torch.no_grad():
+        plain = loss_module.LinearCrossEntropy.apply(rows, weight, labels, False)
+    torch.testing.assert_close(plain, expected.detach(), **tol)
+    assert not plain.requires_grad
 
 
 @pytest.mark.parametrize(("lq", "lk", "chunk"), [(9, 9, 4), (7, 12, 3), (5, 5, 64)])
