@@ -352,10 +352,15 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
         if n not in rotary:
             rotary[n] = _row_rotary(decoder, h, n, shared, layout.column)
         x = _norm(layer.input_layernorm, h)
-        if n:  # the deep vectors ride along in the projection; only their keys and values are used
-            x = torch.cat([_norm(layer.input_layernorm, vectors.to(dtype)), x])
-        q, k, v = _project(attn, x, qkv, *rotary[n])  # [n + S + P, heads, dh]
-        (_, q), (kd, k), (vd, v) = (t.split([n, t.shape[0] - n]) for t in (q, k, v))
+        cos, sin = rotary[n]
+        if n and not h.requires_grad:  # the first prompted block: the tokens' projections need no gradient
+            _, kd, vd = _project(attn, _norm(layer.input_layernorm, vectors.to(dtype)), qkv, cos[:n], sin[:n])
+            q, k, v = _project(attn, x, qkv, cos[n:], sin[n:])
+        else:  # the deep vectors ride along in the projection; only their keys and values are used
+            if n:
+                x = torch.cat([_norm(layer.input_layernorm, vectors.to(dtype)), x])
+            q, k, v = _project(attn, x, qkv, cos, sin)  # [n + S + P, heads, dh]
+            (_, q), (kd, k), (vd, v) = (t.split([n, t.shape[0] - n]) for t in (q, k, v))
         k, v = layout.per_row(k), layout.per_row(v)  # [B, KV, S+W, dh]
         if n:  # [n, KV, dh] -> [B, KV, n, dh] before the sequence's keys and values
             k = torch.cat([kd.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1), k], dim=2)
