@@ -214,8 +214,12 @@ def evaluate(lm, dataset: str, examples: list, prompt: PromptModule | None = Non
 
 def _baseline_key(lm, dataset: str, examples: list, kind: str, max_new_tokens: int, compute: str,  # noqa: ANN001
                   template: str, max_length: int) -> str:
+    from core.compute import decide
+
     digest = hashlib.sha256(json.dumps([[ex.prompt, ex.target, list(ex.answers)] for ex in examples]).encode())
-    return json.dumps([EVAL_FORMAT, lm.fingerprint, str(lm.device), compute, dataset, kind, TEXT_PROMPTS.get(dataset),
+    # the resolved dtype, not the name asked for: "auto" that resolved to fp32 computes what "fp32" does
+    dtype = decide(lm, compute).dtype
+    return json.dumps([EVAL_FORMAT, lm.fingerprint, str(lm.device), dtype, dataset, kind, TEXT_PROMPTS.get(dataset),
                        max_new_tokens, template, max_length, digest.hexdigest()])
 
 

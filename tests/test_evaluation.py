@@ -84,6 +84,13 @@ def test_baselines_are_cached_per_template(tiny_lm, tmp_path, monkeypatch):
                                       template="chat")
     assert calls == ["chat", "chat"] and chat["template"] == "chat"
     assert chat["no_prompt"]["answer_loss"] != first["no_prompt"]["answer_loss"]
+    # "auto" where it resolves to fp32 is the same computation: served from the cache, not run again
+    from core.compute import ComputeDecision
+
+    monkeypatch.setattr("core.compute.decide", lambda lm, compute="auto": ComputeDecision(
+        "fp32" if compute in ("auto", "fp32") else compute, compute, "cpu", "test: auto -> fp32"))
+    auto = ev.evaluate_with_baselines(tiny_lm, "math", ITEMS, None, compute="auto", max_new_tokens=2)
+    assert calls == ["chat", "chat"] and auto["no_prompt"] == first["no_prompt"]
 
 
 def test_metrics_table_shows_the_cis_error_and_loss():
