@@ -352,13 +352,14 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
         if n not in rotary:
             rotary[n] = _row_rotary(decoder, h, n, shared, layout.column)
         x = _norm(layer.input_layernorm, h)
+        x_deep = _norm(layer.input_layernorm, vectors.to(dtype)) if n else None
         cos, sin = rotary[n]
         if n and not h.requires_grad:  # the first prompted block: the tokens' projections need no gradient
-            _, kd, vd = _project(attn, _norm(layer.input_layernorm, vectors.to(dtype)), qkv, cos[:n], sin[:n])
+            _, kd, vd = _project(attn, x_deep, qkv, cos[:n], sin[:n])
             q, k, v = _project(attn, x, qkv, cos[n:], sin[n:])
         else:  # the deep vectors ride along in the projection; only their keys and values are used
             if n:
-                x = torch.cat([_norm(layer.input_layernorm, vectors.to(dtype)), x])
+                x = torch.cat([x_deep, x])
             q, k, v = _project(attn, x, qkv, cos, sin)  # [n + S + P, heads, dh]
             (_, q), (kd, k), (vd, v) = (t.split([n, t.shape[0] - n]) for t in (q, k, v))
         k, v = layout.per_row(k), layout.per_row(v)  # [B, KV, S+W, dh]
