@@ -159,24 +159,31 @@ def _varied(n: int) -> list:
             for k in range(n)]
 
 
+@pytest.mark.parametrize("common_start", [True, False])
 @pytest.mark.parametrize("attention", ["one chunk", "chunks of 4", "sdpa"])
 @pytest.mark.parametrize(("method", "params"), [
     ("soft", {}), ("deep", {"layers": [0, 2]}), ("deep", {"layers": [1, 3], "soft": False}), (None, {})])
-def test_block_loop_gives_the_models_own_loss_and_gradient(tiny_lm, monkeypatch, method, params, attention):
-    """answer_loss runs LLaMA blocks as one loop (prompt rows once per batch, q/k/v and gate/up as one product
-    each, the last block at the read positions only); the model's own forward with the prompt's hooks gives
-    the same loss and the same gradient on every prompt tensor, on padded rows with several answer tokens,
-    with the CPU's chunked attention (one chunk, and several with a partial last one) and with SDPA (CUDA's)."""
+def test_block_loop_gives_the_models_own_loss_and_gradient(tiny_lm, monkeypatch, method, params, attention,
+                                                            common_start):
+    """answer_loss runs LLaMA blocks as one loop (prompt rows, and the tokens every row begins with, once per
+    batch; q/k/v and gate/up as one product each, the last block at the read positions only); the model's own
+    forward with the prompt's hooks gives the same loss and the same gradient on every prompt tensor, on padded
+    rows with several answer tokens, with the CPU's chunked attention (one chunk, and several with a partial last
+    one) and with SDPA (CUDA's), whether or not the rows begin with the same tokens."""
     from core.tuning import blocks
-    from core.tuning.loss import hooked_answer_loss
+    from core.tuning.loss import common_token_prefix, hooked_answer_loss
 
     assert blocks.supported(tiny_lm.model)
     if attention == "chunks of 4":
         monkeypatch.setattr(blocks, "ATTENTION_CHUNK", 4)
     if attention == "sdpa":
         monkeypatch.setattr(blocks, "_sdpa_attention", lambda device: True)
-    batch = collate(encode_examples(tiny_lm.tokenizer, _varied(6)), tiny_lm.tokenizer.pad_token_id)
+    examples = _varied(6)
+    if not common_start:
+        examples[3].prompt = "Tell me: " + examples[3].prompt
+    batch = collate(encode_examples(tiny_lm.tokenizer, examples), tiny_lm.tokenizer.pad_token_id)
     assert len(set(batch.rows.tolist())) == 6 and len(batch.rows) > 6
+    assert (common_token_prefix(batch) == 2) == common_start  # every row begins with "Question:"
     prompt = None
     if method is not None:
         prompt = build_prompt(method, tiny_lm.hidden_size, tiny_lm.num_layers, n_tokens=3, **params)

@@ -6,7 +6,8 @@ and less work:
 - the soft prompt is the same in every row and causal attention keeps it from seeing the tokens, so its
   rows go through each block once, not once per row; they are stacked with the token rows, so each
   projection is one matrix product over prompt and tokens (the separate 20-row products ran at half the
-  rate on CPU);
+  rate on CPU). The tokens every row of a batch begins with (a template's "Question:") are the same kind of
+  rows: they come after the soft prompt in the prefix and also go through once;
 - a block's deep vectors [n, d] only serve as keys and values there (their outputs are cut), and they are
   the same in every row: their keys and values are computed once, not their attention or MLP;
 - q/k/v and gate/up are each one product against weights stored side by side (`fuse_projections`), and
@@ -320,7 +321,8 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
     """Final-normed hidden states [N, d] at token positions (rows, cols) after blocks `start..L-1`.
 
     hidden: [B, T, d] the tokens' residual stream entering block `start` (the embeddings when 0), right-padded.
-    prefix: [S, d] soft prompt before the tokens (start 0 only), or None.
+    prefix: [S, d] rows before every row's tokens (start 0 only), or None: the soft prompt, and after it the
+        tokens all rows begin with (core.tuning.loss.common_token_prefix).
     deep: {block: [n, d]} vectors prepended at those blocks.
     cols: token columns (0..T-1) whose hidden state is read, grouped by row as `collate` makes them.
     """

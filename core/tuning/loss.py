@@ -68,13 +68,31 @@ def answer_loss(model: nn.Module, prompt: PromptModule | None, batch: Batch,
         dtype = hidden.dtype
         prefix = prompt.prefix(1, dtype)[0] if prompt is not None and prompt.n_prefix else None  # [S, d]
         deep = {index: v.to(dtype) for index, v in vectors.items()}
+        # the tokens every row begins with are rows the block loop runs once, like the soft prompt after which
+        # they come (embeddings only: cached residuals of equal tokens may round differently from row to row)
+        common = common_token_prefix(batch) if batch.residual is None else 0
+        if common:
+            prefix = hidden[0, :common] if prefix is None else torch.cat([prefix, hidden[0, :common]])
+            hidden = hidden[:, common:]
         # position p predicts token p+1: the answer token at column c is read from column c-1
-        rows = blocks.answer_rows(model, hidden, batch.start_layer, prefix, deep, batch.rows, batch.cols - 1)
+        rows = blocks.answer_rows(model, hidden, batch.start_layer, prefix, deep, batch.rows,
+                                  batch.cols - 1 - common)
         if not fused_head(model.lm_head, rows, batch.labels):
             logits = model.lm_head(rows)  # [N, V]
             return F.cross_entropy(logits.float(), batch.labels, reduction="sum")
     want_grad = torch.is_grad_enabled() and rows.requires_grad
     return LinearCrossEntropy.apply(rows, model.lm_head.weight, batch.labels, want_grad)
+
+
+def common_token_prefix(batch: Batch) -> int:
+    """How many leading tokens every row of the batch has in common, up to its first read position (a row's
+    first answer token is read from the column before it). 0 for a single row."""
+    ids = batch.input_ids
+    if ids.shape[0] < 2 or batch.cols.numel() == 0:
+        return 0
+    differs = (ids != ids[:1]).any(dim=0)  # [T]
+    length = int(differs.nonzero()[0]) if bool(differs.any()) else ids.shape[1]
+    return max(0, min(length, int(batch.cols.min()) - 1))
 
 
 # Vocabulary rows per chunk of `LinearCrossEntropy`: 1024 x 576 fp32 weights (2.4 MB) stay in cache between a
