@@ -321,8 +321,8 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
     """Final-normed hidden states [N, d] at token positions (rows, cols) after blocks `start..L-1`.
 
     hidden: [B, T, d] the tokens' residual stream entering block `start` (the embeddings when 0), right-padded.
-    prefix: [S, d] rows before every row's tokens (start 0 only), or None: the soft prompt, and after it the
-        tokens all rows begin with (core.tuning.loss.common_token_prefix).
+    prefix: [S, d] rows entering block `start` before every row's tokens, or None: the soft prompt (start 0
+        only), and after it the tokens all rows begin with (core.tuning.loss.common_token_prefix).
     deep: {block: [n, d]} vectors prepended at those blocks.
     cols: token columns (0..T-1) whose hidden state is read, grouped by row as `collate` makes them.
     """
@@ -331,8 +331,6 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
     last = len(layers) - 1
     if not 0 <= start <= last:
         raise ValueError(f"start block {start} is outside the model's blocks 0..{last}")
-    if prefix is not None and start:
-        raise ValueError(f"a soft prompt enters at block 0; got start block {start}")
     outside = sorted(i for i in deep if not start <= i <= last)
     if outside:
         raise ValueError(f"deep vectors at blocks {outside} are outside blocks {start}..{last}, the ones this pass "

@@ -69,8 +69,8 @@ def answer_loss(model: nn.Module, prompt: PromptModule | None, batch: Batch,
         prefix = prompt.prefix(1, dtype)[0] if prompt is not None and prompt.n_prefix else None  # [S, d]
         deep = {index: v.to(dtype) for index, v in vectors.items()}
         # the tokens every row begins with are rows the block loop runs once, like the soft prompt after which
-        # they come (embeddings only: cached residuals of equal tokens may round differently from row to row)
-        common = common_token_prefix(batch) if batch.residual is None else 0
+        # they come (row 0's: in a cached residual stream the rows of equal tokens differ by rounding at most)
+        common = common_token_prefix(batch)
         if common:
             prefix = hidden[0, :common] if prefix is None else torch.cat([prefix, hidden[0, :common]])
             hidden = hidden[:, common:]
