@@ -128,15 +128,24 @@ class LinearCrossEntropy(torch.autograd.Function):
         running_max = torch.full((n, 1), float("-inf"), device=rows.device)
         total = torch.zeros(n, 1, device=rows.device)  # sum of exp(logit - running_max)
         grad = torch.zeros(n, rows.shape[1], device=rows.device) if want_grad else None  # sum of exp(...) * w_v
-        for start in range(0, vocab, HEAD_CHUNK):
-            chunk = weight[start: start + HEAD_CHUNK]
-            logits = F.linear(rows, chunk).float()  # [N, C], rounded as the whole head's logits are
-            new_max = torch.maximum(running_max, logits.amax(dim=1, keepdim=True))
+        # G chunks at a time, one batched product each way: every thread takes a chunk of its own (a thin [N, C]
+        # product split across threads ran ~15% slower here; 26 vs 31 ms on 2 AVX2 cores, fp32)
+        group = max(1, torch.get_num_threads())
+        step = group * HEAD_CHUNK
+        for start in range(0, vocab, step):
+            chunk = weight[start: start + step]
+            if chunk.shape[0] == step:
+                chunk = chunk.view(group, HEAD_CHUNK, -1)  # [G, C, d]
+            else:  # the vocabulary's last, partial group: one chunk
+                chunk = chunk.unsqueeze(0)  # [1, C', d]
+            stacked = rows.expand(chunk.shape[0], -1, -1)  # [G, N, d], no copy
+            logits = torch.bmm(stacked, chunk.transpose(1, 2)).float()  # [G, N, C], rounded as the head's logits are
+            new_max = torch.maximum(running_max, logits.amax(dim=(0, 2))[:, None])
             rescale = torch.exp(running_max - new_max)
             probs = torch.exp(logits - new_max)
-            total = total * rescale + probs.sum(dim=1, keepdim=True)
+            total = total * rescale + probs.sum(dim=(0, 2))[:, None]
             if want_grad:
-                grad = grad * rescale + torch.mm(probs.to(chunk.dtype), chunk).float()
+                grad = grad * rescale + torch.bmm(probs.to(chunk.dtype), chunk).float().sum(dim=0)
             running_max = new_max
         target = weight[labels]  # [N, d]
         target_logits = (rows.float() * target.float()).sum(dim=1).to(rows.dtype).float()  # [N], rounded as logits are
