@@ -95,9 +95,11 @@ def common_token_prefix(batch: Batch) -> int:
     return max(0, min(length, int(batch.cols.min()) - 1))
 
 
-# Vocabulary rows per chunk of `LinearCrossEntropy`: 1024 x 576 fp32 weights (2.4 MB) stay in cache between a
-# chunk's two products; 512-4096 were within 10% of each other on SmolLM2's head (24 answer rows, fp32, 2 threads).
-HEAD_CHUNK = 1024
+# Vocabulary rows per chunk of `LinearCrossEntropy` (256 x 576 fp32 weights, 590 KB, stay in a core's L2 between
+# the chunk's two products) and chunks per batched product (at least one per thread). SmolLM2's head on 24 answer
+# rows, loss and gradient (fp32, 2 AVX2 threads): 256 x 8 26.7 ms, 1024 x 2 27.5, 1024 one chunk at a time 32.3.
+HEAD_CHUNK = 256
+HEAD_GROUP = 8
 
 
 def fused_head(head: nn.Module, rows: torch.Tensor, labels: torch.Tensor) -> bool:
@@ -128,9 +130,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         running_max = torch.full((n, 1), float("-inf"), device=rows.device)
         total = torch.zeros(n, 1, device=rows.device)  # sum of exp(logit - running_max)
         grad = torch.zeros(n, rows.shape[1], device=rows.device) if want_grad else None  # sum of exp(...) * w_v
-        # G chunks at a time, one batched product each way: every thread takes a chunk of its own (a thin [N, C]
-        # product split across threads ran ~15% slower here; 26 vs 31 ms on 2 AVX2 cores, fp32)
-        group = max(1, torch.get_num_threads())
+        # G chunks at a time, one batched product each way: every thread takes chunks of its own (a thin [N, C]
+        # product split across threads is slower: see HEAD_CHUNK)
+        group = max(HEAD_GROUP, torch.get_num_threads())
         step = group * HEAD_CHUNK
         for start in range(0, vocab, step):
             chunk = weight[start: start + step]
