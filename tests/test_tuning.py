@@ -162,7 +162,8 @@ def _varied(n: int) -> list:
 @pytest.mark.parametrize("common_start", [True, False])
 @pytest.mark.parametrize("attention", ["one chunk", "chunks of 4", "sdpa"])
 @pytest.mark.parametrize(("method", "params"), [
-    ("soft", {}), ("deep", {"layers": [0, 2]}), ("deep", {"layers": [1, 3], "soft": False}), (None, {})])
+    ("soft", {}), ("deep", {"layers": [0, 2]}), ("deep", {"layers": [1, 3], "soft": False}),
+    ("deep", {"layers": [3], "soft": False}), (None, {})])
 def test_block_loop_gives_the_models_own_loss_and_gradient(tiny_lm, monkeypatch, method, params, attention,
                                                             common_start):
     """answer_loss runs LLaMA blocks as one loop (prompt rows, and the tokens every row begins with, once per

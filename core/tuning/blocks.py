@@ -109,11 +109,23 @@ def fuse_projections(layer: nn.Module) -> tuple[tuple | None, tuple | None]:
                 _stack([getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]))
 
 
-def _project(attn: nn.Module, x: torch.Tensor, qkv: tuple | None, cos: torch.Tensor,
-             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _project(attn: nn.Module, x: torch.Tensor, qkv: tuple | None, cos: torch.Tensor, sin: torch.Tensor,
+             query_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stacked rows x [R, d] -> q [R, H, dh] and k [R, KV, dh] with RoPE at each row's position (cos and signed
-    sin [R, 1, dh] from `_row_rotary`; q and k rotated as one tensor), and v [R, KV, dh]."""
+    sin [R, 1, dh] from `_row_rotary`; q and k rotated as one tensor), and v [R, KV, dh]. With `query_rows` [R']
+    (the last block's reads) q is taken at those rows only, [R', H, dh]."""
     rows, head_dim = x.shape[0], attn.head_dim
+    if query_rows is not None:
+        q = attn.q_proj(x.index_select(0, query_rows)).view(len(query_rows), -1, head_dim)
+        if qkv is None:
+            k, v = attn.k_proj(x), attn.v_proj(x)
+        else:  # k|v rows of the stacked weight: one product
+            weight, bias = (None if t is None else t[attn.q_proj.out_features:] for t in qkv)
+            k, v = F.linear(x, weight, bias).split([attn.k_proj.out_features, attn.v_proj.out_features], dim=1)
+        k, v = k.view(rows, -1, head_dim), v.view(rows, -1, head_dim)
+        cos_q, sin_q = cos.index_select(0, query_rows), sin.index_select(0, query_rows)
+        q = q * cos_q + q.roll(head_dim // 2, dims=-1) * sin_q
+        return q, k * cos + k.roll(head_dim // 2, dims=-1) * sin, v
     if qkv is None:
         qk = torch.cat([attn.q_proj(x), attn.k_proj(x)], dim=-1).view(rows, -1, head_dim)
         v = attn.v_proj(x).view(rows, -1, head_dim)
@@ -354,14 +366,18 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
         x = _norm(layer.input_layernorm, h)
         x_deep = _norm(layer.input_layernorm, vectors.to(dtype)) if n else None
         cos, sin = rotary[n]
+        # the last block's queries only where the loss reads (stacked token rows, after the S prompt rows)
+        reads = None if index < last else shared + layout.read_rows.reshape(-1)  # [B*A]
         if n and not h.requires_grad:  # the first prompted block: the tokens' projections need no gradient
             _, kd, vd = _project(attn, x_deep, qkv, cos[:n], sin[:n])
-            q, k, v = _project(attn, x, qkv, cos[n:], sin[n:])
+            q, k, v = _project(attn, x, qkv, cos[n:], sin[n:], reads)
         else:  # the deep vectors ride along in the projection; only their keys and values are used
             if n:
                 x = torch.cat([x_deep, x])
-            q, k, v = _project(attn, x, qkv, cos, sin)  # [n + S + P, heads, dh]
-            (_, q), (kd, k), (vd, v) = (t.split([n, t.shape[0] - n]) for t in (q, k, v))
+            q, k, v = _project(attn, x, qkv, cos, sin, None if reads is None else n + reads)  # [n + S + P, ., dh]
+            (kd, k), (vd, v) = (t.split([n, t.shape[0] - n]) for t in (k, v))
+            if reads is None:
+                q = q[n:]
         k, v = layout.per_row(k), layout.per_row(v)  # [B, KV, S+W, dh]
         if n:  # [n, KV, dh] -> [B, KV, n, dh] before the sequence's keys and values
             k = torch.cat([kd.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1), k], dim=2)
@@ -372,7 +388,7 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
             h = h + attn.o_proj(out)
             h = h + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h), gate_up)
         else:  # the last block: queries only where the loss reads, A per row (padded with the row's last one)
-            q = q[shared:][layout.read_rows].transpose(1, 2)  # [B, H, A, dh]
+            q = q.view(batch, layout.read_at.shape[1], *q.shape[1:]).transpose(1, 2)  # [B, H, A, dh]
             key_at = torch.arange(n + layout.seq, device=device) - n  # deep keys at < 0: every query sees them
             allowed = key_at <= (shared + layout.read_at)[:, None, :, None]  # [B, 1, A, n+S+W]
             out = _attend(q, k, v, allowed, attn.scaling)  # [B, H, A, dh]
