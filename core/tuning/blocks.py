@@ -109,6 +109,12 @@ def fuse_projections(layer: nn.Module) -> tuple[tuple | None, tuple | None]:
                 _stack([getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]))
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [R, heads, dh] rotated at each row's position (cos and signed sin [R, 1, dh] from `_row_rotary`):
+    transformers' x * cos + rotate_half(x) * sin, with rotate_half's signs folded into sin."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
 def _project(attn: nn.Module, x: torch.Tensor, qkv: tuple | None, cos: torch.Tensor, sin: torch.Tensor,
              query_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stacked rows x [R, d] -> q [R, H, dh] and k [R, KV, dh] with RoPE at each row's position (cos and signed
@@ -123,9 +129,8 @@ def _project(attn: nn.Module, x: torch.Tensor, qkv: tuple | None, cos: torch.Ten
             weight, bias = (None if t is None else t[attn.q_proj.out_features:] for t in qkv)
             k, v = F.linear(x, weight, bias).split([attn.k_proj.out_features, attn.v_proj.out_features], dim=1)
         k, v = k.view(rows, -1, head_dim), v.view(rows, -1, head_dim)
-        cos_q, sin_q = cos.index_select(0, query_rows), sin.index_select(0, query_rows)
-        q = q * cos_q + q.roll(head_dim // 2, dims=-1) * sin_q
-        return q, k * cos + k.roll(head_dim // 2, dims=-1) * sin, v
+        q = _rope(q, cos.index_select(0, query_rows), sin.index_select(0, query_rows))
+        return q, _rope(k, cos, sin), v
     if qkv is None:
         qk = torch.cat([attn.q_proj(x), attn.k_proj(x)], dim=-1).view(rows, -1, head_dim)
         v = attn.v_proj(x).view(rows, -1, head_dim)
@@ -134,7 +139,7 @@ def _project(attn: nn.Module, x: torch.Tensor, qkv: tuple | None, cos: torch.Ten
         split = attn.q_proj.out_features + attn.k_proj.out_features
         # split, not two slices: its backward is one cat, where each slice's fills a zero tensor of the whole
         qk, v = (part.view(rows, -1, head_dim) for part in out.split([split, out.shape[1] - split], dim=1))
-    qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin  # = transformers' q * cos + rotate_half(q) * sin
+    qk = _rope(qk, cos, sin)
     heads = attn.q_proj.out_features // head_dim
     q, k = qk.split([heads, qk.shape[1] - heads], dim=1)
     return q, k, v
