@@ -65,7 +65,7 @@ def main() -> int:
     def step(group: list, cached: bool, paper: bool = False) -> tuple[float, float]:
         batch = collate(group, lm.tokenizer.pad_token_id).to(lm.device)
         if cached:
-            batch.residual, batch.start_layer = cache.batch(group), cache.start
+            cache.attach(batch, group)
         start = time.perf_counter()
         loss = (hooked_answer_loss if paper else answer_loss)(model, prompt, batch, amp) / batch.n_answer
         loss.backward()

@@ -179,7 +179,7 @@ def deep_cached(lm, items: list[Encoded], batch_size: int, k: int, rounds: int) 
     def step(group: list[Encoded], cached: bool) -> tuple[float, float]:
         batch = collate(group, 0).to(lm.device)
         if cached:
-            batch.residual, batch.start_layer = cache.batch(group), cache.start
+            cache.attach(batch, group)
         sync(lm.device)
         start = time.perf_counter()
         loss = answer_loss(model, prompt, batch, amp) / batch.n_answer

@@ -11,7 +11,7 @@ import torch
 from core import compute as policy
 from core.tuning import TrainConfig, build_prompt, collate, encode_examples, train
 from core.tuning.cached import ResidualCache
-from core.tuning.loss import answer_loss
+from core.tuning.loss import answer_loss, common_token_prefix
 
 
 def _lm(precision: str = "fp32", device: str = "cpu") -> SimpleNamespace:
@@ -55,10 +55,11 @@ def _math(n: int, offset: int = 0) -> list:
                             answers=[str(k % 13 + k % 7)], meta={}) for k in range(offset, offset + n)]
 
 
-@pytest.mark.parametrize("layers", [[2, 3], [1, 3], [2]])
+@pytest.mark.parametrize("layers", [[2, 3], [1, 3], [2], [3]])
 def test_cached_residual_loss_equals_the_full_forward(tiny_lm, tmp_path, monkeypatch, layers):
-    """The cached path (deep keys/values once, last block at the read positions only) gives the hooked full
-    pass's loss and gradients, with prompted blocks anywhere from the start block on."""
+    """The cached path (the start block's token attention cached, its deep keys joined to it; the last block at
+    the read positions only) gives the full pass's loss and gradients, with prompted blocks anywhere from the
+    start block on, the last block alone included, and rows sharing a token prefix ("Question: What is")."""
     monkeypatch.setenv("PRIOR_LAB_CACHE", str(tmp_path))
     prompt = build_prompt("deep", tiny_lm.hidden_size, tiny_lm.num_layers, n_tokens=3, layers=layers, soft=False)
     gen = torch.Generator().manual_seed(0)
@@ -74,7 +75,8 @@ def test_cached_residual_loss_equals_the_full_forward(tiny_lm, tmp_path, monkeyp
     batch = collate(items, tiny_lm.tokenizer.pad_token_id)
     # residuals computed in another grouping than the batch: a row's stream must not depend on its batch-mates
     cache.get(items[3:]), cache.get(items[:3])
-    batch.residual, batch.start_layer = cache.batch(items), start
+    cache.attach(batch, items)
+    assert batch.first_attention is not None and common_token_prefix(batch) > 0
     cached = answer_loss(tiny_lm.model, prompt, batch)
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
     cached.backward()

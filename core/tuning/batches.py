@@ -8,8 +8,12 @@ and the loss only reads positions before the padding.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from core.tuning.blocks import TokenAttention
 
 ANSWER_END = "\n"  # appended to each target so the prompt also learns where an answer stops (generation stops there)
 
@@ -32,6 +36,8 @@ class Batch:
     n_tokens: real (non-pad) tokens in the batch, for tokens/s.
     residual: optional [B, T, d], the residual stream entering block `start_layer`, cached (core.tuning.cached):
         the loss then runs from that block on instead of from the token embeddings.
+    first_attention: optional `core.tuning.blocks.TokenAttention` [B, T, ...] of block `start_layer` on `residual`
+        (cached with it): that block then adds only its deep keys and values to it.
     """
 
     input_ids: torch.Tensor
@@ -41,6 +47,7 @@ class Batch:
     n_tokens: int
     residual: torch.Tensor | None = None
     start_layer: int = 0
+    first_attention: TokenAttention | None = None
 
     @property
     def n_answer(self) -> int:
@@ -49,7 +56,8 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         return Batch(self.input_ids.to(device), self.rows.to(device), self.cols.to(device),
                      self.labels.to(device), self.n_tokens,
-                     None if self.residual is None else self.residual.to(device), self.start_layer)
+                     None if self.residual is None else self.residual.to(device), self.start_layer,
+                     None if self.first_attention is None else self.first_attention.to(device))
 
 
 def encode_examples(tokenizer, examples: list, max_length: int = 320, answer_end: str = ANSWER_END) -> list[Encoded]:

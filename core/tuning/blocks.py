@@ -22,6 +22,7 @@ prompt, then tokens) n.. onwards. Training pads on the right and passes no mask:
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -319,6 +320,89 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Te
     return torch.matmul(probs, v).view(batch, heads, lq, head_dim)
 
 
+@dataclass
+class TokenAttention:
+    """A block's attention among the tokens alone, per token: what a prompted block adds to it is only its deep
+    keys and values, so on a cached stream (core.tuning.cached) this part is fixed per example and computed once.
+
+    query: [..., H, dh] the tokens' queries before RoPE; attended: [..., H, dh] their causal attention over the
+    tokens only (before o_proj); lse: [..., H] fp32, the log-sum-exp of those (scaled) scores. Leading dims are
+    [B, T] per example or [R] stacked rows.
+    """
+
+    query: torch.Tensor
+    attended: torch.Tensor
+    lse: torch.Tensor
+
+    def take(self, index: torch.Tensor) -> TokenAttention:
+        """Stacked rows [R, ...] -> the rows `index` [R']."""
+        return TokenAttention(*(t.index_select(0, index) for t in (self.query, self.attended, self.lse)))
+
+    def rows(self, index: torch.Tensor) -> TokenAttention:
+        """[B, T, ...] -> the stacked rows [R, ...] at flat positions `index` [R]."""
+        return TokenAttention(*(t.flatten(0, 1) for t in (self.query, self.attended, self.lse))).take(index)
+
+    def cat(self, other: TokenAttention) -> TokenAttention:
+        return TokenAttention(*(torch.cat([a, b]) for a, b in zip(
+            (self.query, self.attended, self.lse), (other.query, other.attended, other.lse), strict=True)))
+
+    def to(self, device: torch.device) -> TokenAttention:
+        return TokenAttention(self.query.to(device), self.attended.to(device), self.lse.to(device))
+
+    def slice(self, start: int, stop: int | None = None) -> TokenAttention:
+        """Positions start..stop of every example ([B, T, ...] -> [B, T', ...])."""
+        return TokenAttention(self.query[:, start:stop], self.attended[:, start:stop], self.lse[:, start:stop])
+
+
+@torch.no_grad()
+def token_attention(model: nn.Module, hidden: torch.Tensor, index: int) -> TokenAttention:
+    """Block `index`'s `TokenAttention` [B, T, ...] for the right-padded residual stream `hidden` [B, T, d] entering
+    it (the tokens at positions 0..T-1; scores depend on relative positions only, so they hold wherever the
+    tokens sit after deep vectors). Padding rows get numbers that nothing reads."""
+    decoder = model.model
+    layer = decoder.layers[index]
+    attn = layer.self_attn
+    batch, length, width = hidden.shape
+    x = _norm(layer.input_layernorm, hidden.reshape(batch * length, width))
+    positions = torch.arange(length, device=hidden.device)
+    cos, sin = _row_rotary(decoder, x, 0, 0, positions.repeat(batch))
+    q, k, v = _project(attn, x, fuse_projections(layer)[0], cos, sin)  # [B*T, ., dh]
+    heads, kv, head_dim = q.shape[1], k.shape[1], attn.head_dim
+    group = heads // kv
+    q, k, v = (t.view(batch, length, -1, head_dim).transpose(1, 2) for t in (q, k, v))  # [B, ., T, dh]
+    scores = torch.matmul(q.reshape(batch, kv, group * length, head_dim), k.transpose(-1, -2))
+    scores = scores.view(batch, kv, group, length, length).float() * attn.scaling
+    scores.masked_fill_(torch.ones(length, length, dtype=torch.bool, device=hidden.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, KV, g, T]
+    probs = torch.exp(scores - lse[..., None]).to(v.dtype).view(batch, kv, group * length, length)
+    attended = torch.matmul(probs, v).view(batch, heads, length, head_dim).transpose(1, 2)  # [B, T, H, dh]
+    query = attn.q_proj(x).view(batch, length, heads, head_dim)
+    return TokenAttention(query, attended.contiguous(), lse.view(batch, heads, length).transpose(1, 2).contiguous())
+
+
+def _attend_merged(q: torch.Tensor, tokens: TokenAttention, kd: torch.Tensor, vd: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """Attention of stacked rows over [deep keys; their tokens] from the tokens-only part: q [R, H, dh] (RoPE'd),
+    `tokens` [R, ...], kd and vd [n, KV, dh]. The two softmax parts are joined by their log-sum-exps (as flash
+    attention joins blocks of keys), so only the n deep keys are multiplied, and the gradient reaches kd and vd
+    alone. Returns [R, H*dh]."""
+    rows, heads, head_dim = q.shape
+    kv = kd.shape[1]
+    group = heads // kv
+
+    def grouped(t: torch.Tensor) -> torch.Tensor:  # [R, H, ...] -> [KV, R*g, ...]
+        return t.reshape(rows, kv, group, *t.shape[2:]).transpose(0, 1).reshape(kv, rows * group, *t.shape[2:])
+
+    scores = torch.matmul(grouped(q), kd.permute(1, 2, 0)).float() * scale  # [KV, R*g, n]
+    lse = grouped(tokens.lse)  # [KV, R*g]
+    top = torch.maximum(lse, scores.amax(dim=-1)).detach()  # any shift gives the same softmax
+    probs = torch.exp(scores - top[..., None])
+    weight = torch.exp(lse - top)  # the tokens' share, before normalising
+    deep = torch.matmul(probs.to(vd.dtype), vd.transpose(0, 1)).float()  # [KV, R*g, dh]
+    out = (weight[..., None] * grouped(tokens.attended).float() + deep) / (weight + probs.sum(dim=-1))[..., None]
+    return out.to(q.dtype).view(kv, rows, group, head_dim).transpose(0, 1).reshape(rows, heads * head_dim)
+
+
 def _read_positions(rows: torch.Tensor, cols: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row read positions [B, A] (A = most reads in a row; short rows repeat their last one, a row with none
     reads position 0) and each read's slot in its row [N]; (rows, cols) are grouped by row, as `collate` makes them."""
@@ -334,7 +418,8 @@ def _read_positions(rows: torch.Tensor, cols: torch.Tensor, batch: int) -> tuple
 
 
 def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torch.Tensor | None,
-                deep: dict[int, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+                deep: dict[int, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor,
+                first: TokenAttention | None = None, first_prefix: TokenAttention | None = None) -> torch.Tensor:
     """Final-normed hidden states [N, d] at token positions (rows, cols) after blocks `start..L-1`.
 
     hidden: [B, T, d] the tokens' residual stream entering block `start` (the embeddings when 0), right-padded.
@@ -342,6 +427,8 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
         only), and after it the tokens all rows begin with (core.tuning.loss.common_token_prefix).
     deep: {block: [n, d]} vectors prepended at those blocks.
     cols: token columns (0..T-1) whose hidden state is read, grouped by row as `collate` makes them.
+    first, first_prefix: block `start`'s `TokenAttention` for `hidden` [B, T, ...] and `prefix` [S, ...] (a cached
+        stream with no soft prompt): that block then multiplies only its deep keys (`_attend_merged`).
     """
     decoder = model.model
     layers = decoder.layers
@@ -355,10 +442,14 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
     batch, length, width = hidden.shape
     device, dtype = hidden.device, hidden.dtype
     shared = 0 if prefix is None else prefix.shape[0]
+    if first is not None and (first_prefix is None) != (shared == 0):
+        raise ValueError("the first block's token attention must cover the prefix rows exactly when there are some")
     layout = _Layout(rows, cols, batch, length, shared)
     h = hidden.reshape(batch * length, width).index_select(0, layout.source)  # [P, d]
     if shared:
         h = torch.cat([prefix.to(dtype), h])  # [S + P, d]
+    if first is not None:  # stacked like h
+        first = first.rows(layout.source) if first_prefix is None else first_prefix.cat(first.rows(layout.source))
     rotary: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # deep count -> cos, sin [n + S + P, 1, dh]
     for index in range(start, last + 1):
         layer = layers[index]
@@ -368,37 +459,51 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
         n = 0 if vectors is None else vectors.shape[0]
         if n not in rotary:
             rotary[n] = _row_rotary(decoder, h, n, shared, layout.column)
-        x = _norm(layer.input_layernorm, h)
         x_deep = _norm(layer.input_layernorm, vectors.to(dtype)) if n else None
         cos, sin = rotary[n]
         # the last block's queries only where the loss reads (stacked token rows, after the S prompt rows)
         reads = None if index < last else shared + layout.read_rows.reshape(-1)  # [B*A]
-        if n and not h.requires_grad:  # the first prompted block: the tokens' projections need no gradient
-            _, kd, vd = _project(attn, x_deep, qkv, cos[:n], sin[:n])
-            q, k, v = _project(attn, x, qkv, cos[n:], sin[n:], reads)
-        else:  # the deep vectors ride along in the projection; only their keys and values are used
+        if first is not None and index == start:  # the tokens' part is cached: only the deep keys to add
+            tokens = first if reads is None else first.take(reads)
+            q_cos, q_sin = (cos[n:], sin[n:]) if reads is None else (cos[n:].index_select(0, reads),
+                                                                   sin[n:].index_select(0, reads))
+            q = _rope(tokens.query.to(dtype), q_cos, q_sin)
             if n:
-                x = torch.cat([x_deep, x])
-            q, k, v = _project(attn, x, qkv, cos, sin, None if reads is None else n + reads)  # [n + S + P, ., dh]
-            (kd, k), (vd, v) = (t.split([n, t.shape[0] - n]) for t in (k, v))
-            if reads is None:
-                q = q[n:]
-        k, v = layout.per_row(k), layout.per_row(v)  # [B, KV, S+W, dh]
-        if n:  # [n, KV, dh] -> [B, KV, n, dh] before the sequence's keys and values
-            k = torch.cat([kd.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1), k], dim=2)
-            v = torch.cat([vd.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1), v], dim=2)
+                _, kd, vd = _project(attn, x_deep, qkv, cos[:n], sin[:n])
+                out = _attend_merged(q, tokens, kd, vd, attn.scaling)  # [S + P or B*A, H*dh]
+            else:
+                out = tokens.attended.to(dtype).flatten(1)
+        else:
+            x = _norm(layer.input_layernorm, h)
+            if n and not h.requires_grad:  # the first prompted block: the tokens' projections need no gradient
+                _, kd, vd = _project(attn, x_deep, qkv, cos[:n], sin[:n])
+                q, k, v = _project(attn, x, qkv, cos[n:], sin[n:], reads)
+            else:  # the deep vectors ride along in the projection; only their keys and values are used
+                if n:
+                    x = torch.cat([x_deep, x])
+                q, k, v = _project(attn, x, qkv, cos, sin, None if reads is None else n + reads)  # [n + S + P, ., dh]
+                (kd, k), (vd, v) = (t.split([n, t.shape[0] - n]) for t in (k, v))
+                if reads is None:
+                    q = q[n:]
+            k, v = layout.per_row(k), layout.per_row(v)  # [B, KV, S+W, dh]
+            if n:  # [n, KV, dh] -> [B, KV, n, dh] before the sequence's keys and values
+                k = torch.cat([kd.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1), k], dim=2)
+                v = torch.cat([vd.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1), v], dim=2)
+            if index < last:
+                out = _attend(layout.per_row(q), k, v, None, attn.scaling)  # [B, H, S+W, dh]: causal, deep keys seen
+                out = layout.stacked(out.transpose(1, 2)).flatten(1)  # [S + P, H*dh]
+            else:  # queries only where the loss reads, A per row (padded with the row's last one)
+                q = q.view(batch, layout.read_at.shape[1], *q.shape[1:]).transpose(1, 2)  # [B, H, A, dh]
+                key_at = torch.arange(n + layout.seq, device=device) - n  # deep keys at < 0: every query sees them
+                allowed = key_at <= (shared + layout.read_at)[:, None, :, None]  # [B, 1, A, n+S+W]
+                out = _attend(q, k, v, allowed, attn.scaling).transpose(1, 2).flatten(0, 1)  # [B*A, H, dh]
+                out = out.flatten(1)  # [B*A, H*dh]
         if index < last:
-            out = _attend(layout.per_row(q), k, v, None, attn.scaling)  # [B, H, S+W, dh]: causal, deep keys seen by all
-            out = layout.stacked(out.transpose(1, 2)).flatten(1)  # [S + P, H*dh]
             h = h + attn.o_proj(out)
             h = h + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h), gate_up)
-        else:  # the last block: queries only where the loss reads, A per row (padded with the row's last one)
-            q = q.view(batch, layout.read_at.shape[1], *q.shape[1:]).transpose(1, 2)  # [B, H, A, dh]
-            key_at = torch.arange(n + layout.seq, device=device) - n  # deep keys at < 0: every query sees them
-            allowed = key_at <= (shared + layout.read_at)[:, None, :, None]  # [B, 1, A, n+S+W]
-            out = _attend(q, k, v, allowed, attn.scaling)  # [B, H, A, dh]
+        else:  # the last block: the read positions only
             h_read = h[shared:][layout.read_rows]  # [B, A, d]
-            h_read = h_read + attn.o_proj(out.transpose(1, 2).reshape(batch, layout.read_at.shape[1], -1))
+            h_read = h_read + attn.o_proj(out.view(batch, layout.read_at.shape[1], -1))
             h_read = h_read[rows, layout.slot]  # [N, d], in the order of (rows, cols)
             h_read = h_read + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h_read), gate_up)
             return _norm(decoder.norm, h_read)

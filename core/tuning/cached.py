@@ -11,6 +11,10 @@ The numbers are the full path's: training pads on the right with no mask, so att
 and an example's residual does not depend on what it is batched with (beyond float rounding), and
 `forward_from_layer` calls the blocks exactly as `LlamaModel.forward` does (rotary tables from the
 positions, no mask, then the final norm).
+
+For LLaMA models (`core.tuning.blocks.supported`) block `start`'s attention among the tokens alone is fixed too
+(`blocks.TokenAttention`: its queries, the tokens-only attention and its log-sum-exp), and is cached beside the
+residual: that block then only adds its deep keys and values to it (measured in bench/bench_deep_cached.py).
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from core.tuning.batches import Encoded
+from core.tuning import blocks
+from core.tuning.batches import Batch, Encoded
 
-FORMAT_VERSION = 1  # bump when the stored residual layout changes
+FORMAT_VERSION = 2  # bump when the stored layout changes (2: block `start`'s token attention beside the residual)
 CACHE_NAME = "residuals"
 
 
@@ -76,7 +81,8 @@ def forward_from_layer(model: nn.Module, hidden: torch.Tensor, start: int) -> to
 
 
 class ResidualCache:
-    """Residual streams entering block `start` for encoded examples, computed on first use, kept on disk.
+    """Residual streams entering block `start` for encoded examples (and, for LLaMA models, that block's
+    `TokenAttention`), computed on first use, kept on disk.
 
     Keys hold everything that changes the numbers: the model's fingerprint, the compute module's
     dtype, the start block and the example's token ids.
@@ -85,13 +91,15 @@ class ResidualCache:
     def __init__(self, lm, model: nn.Module, autocast: torch.dtype | None, start: int) -> None:  # noqa: ANN001
         self.lm, self.model, self.autocast, self.start = lm, model, autocast, start
         self.dtype = next(model.parameters()).dtype
-        self.memory: dict[str, torch.Tensor] = {}  # key -> [T_i, d] on the model's device
+        self.with_attention = blocks.supported(model)
+        # key -> {"residual": [T_i, d], and with_attention: "query", "attended" [T_i, H, dh], "lse" [T_i, H]}
+        self.memory: dict[str, dict[str, torch.Tensor]] = {}
 
     def _key(self, item: Encoded) -> str:
         text = f"{FORMAT_VERSION}|{self.lm.fingerprint}|{self.dtype}|{self.autocast}|{self.start}|{item.ids}"
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def _compute(self, items: list[Encoded]) -> list[torch.Tensor]:
+    def _compute(self, items: list[Encoded]) -> list[dict[str, torch.Tensor]]:
         width = max(len(x.ids) for x in items)
         pad = self.lm.tokenizer.pad_token_id or 0
         ids = torch.full((len(items), width), pad, dtype=torch.long)
@@ -101,10 +109,15 @@ class ResidualCache:
                else contextlib.nullcontext())
         with amp:
             hidden = residual_stream(self.model, ids.to(self.lm.device), self.start)  # [B, T, d]
-        return [hidden[row, : len(item.ids)].clone() for row, item in enumerate(items)]
+            fields = {"residual": hidden}
+            if self.with_attention:
+                attention = blocks.token_attention(self.model, hidden, self.start)
+                fields.update(query=attention.query, attended=attention.attended, lse=attention.lse)
+        return [{name: t[row, : len(item.ids)].clone() for name, t in fields.items()}
+                for row, item in enumerate(items)]
 
-    def get(self, items: list[Encoded]) -> list[torch.Tensor]:
-        """Residuals [T_i, d] of `items`, in order; missing ones computed in one batch and stored."""
+    def get(self, items: list[Encoded]) -> list[dict[str, torch.Tensor]]:
+        """Cached fields of `items` (see `memory`), in order; missing ones computed in one batch and stored."""
         from core.activations import disk_cache
 
         keys = [self._key(item) for item in items]
@@ -118,22 +131,32 @@ class ResidualCache:
                         todo.append(i)
                         continue
                     try:
-                        self.memory[keys[i]] = torch.load(io.BytesIO(blob)).to(self.lm.device)
+                        entry = torch.load(io.BytesIO(blob))
+                        self.memory[keys[i]] = {name: t.to(self.lm.device) for name, t in entry.items()}
                     except Exception:  # noqa: BLE001 - a damaged entry is a miss
                         todo.append(i)
                 if todo:
-                    for i, tensor in zip(todo, self._compute([items[i] for i in todo]), strict=True):
-                        self.memory[keys[i]] = tensor
+                    for i, entry in zip(todo, self._compute([items[i] for i in todo]), strict=True):
+                        self.memory[keys[i]] = entry
                         buffer = io.BytesIO()
-                        torch.save(tensor.cpu(), buffer)
+                        torch.save({name: t.cpu() for name, t in entry.items()}, buffer)
                         store.set(keys[i], buffer.getvalue(), retry=True)
         return [self.memory[k] for k in keys]
 
-    def batch(self, items: list[Encoded]) -> torch.Tensor:
-        """Right-padded residuals [B, T, d] of `items` (zeros after each example: causal attention never reads them)."""
-        rows = self.get(items)
-        width = max(r.shape[0] for r in rows)
-        out = torch.zeros((len(rows), width, rows[0].shape[-1]), dtype=rows[0].dtype, device=rows[0].device)
-        for i, r in enumerate(rows):
-            out[i, : r.shape[0]] = r
-        return out
+    def attach(self, batch: Batch, items: list[Encoded]) -> Batch:
+        """`batch` (collated from `items`) set to run from block `start` on the cached fields, right-padded with
+        zeros (causal attention never reads past a row's end). Returns `batch`."""
+        entries = self.get(items)
+        width = max(e["residual"].shape[0] for e in entries)
+
+        def padded(name: str) -> torch.Tensor:
+            first = entries[0][name]
+            out = torch.zeros((len(entries), width, *first.shape[1:]), dtype=first.dtype, device=first.device)
+            for row, entry in enumerate(entries):
+                out[row, : entry[name].shape[0]] = entry[name]
+            return out
+
+        batch.residual, batch.start_layer = padded("residual"), self.start
+        if self.with_attention:
+            batch.first_attention = blocks.TokenAttention(padded("query"), padded("attended"), padded("lse"))
+        return batch

@@ -71,12 +71,16 @@ def answer_loss(model: nn.Module, prompt: PromptModule | None, batch: Batch,
         # the tokens every row begins with are rows the block loop runs once, like the soft prompt after which
         # they come (row 0's: in a cached residual stream the rows of equal tokens differ by rounding at most)
         common = common_token_prefix(batch)
+        first, first_prefix = batch.first_attention, None  # block start's token attention, cached with `residual`
         if common:
             prefix = hidden[0, :common] if prefix is None else torch.cat([prefix, hidden[0, :common]])
             hidden = hidden[:, common:]
+            if first is not None:
+                first_prefix = first.slice(0, common).rows(torch.arange(common, device=device))  # row 0's [common]
+                first = first.slice(common)
         # position p predicts token p+1: the answer token at column c is read from column c-1
         rows = blocks.answer_rows(model, hidden, batch.start_layer, prefix, deep, batch.rows,
-                                  batch.cols - 1 - common)
+                                  batch.cols - 1 - common, first, first_prefix)
         if not fused_head(model.lm_head, rows, batch.labels):
             logits = model.lm_head(rows)  # [N, V]
             return F.cross_entropy(logits.float(), batch.labels, reduction="sum")

@@ -394,7 +394,7 @@ class _Trainer:
     def _collate(self, items: list[Encoded]) -> Batch:
         batch = collate(items, self.pad_id).to(self.device)
         if self.residuals is not None:
-            batch.residual, batch.start_layer = self.residuals.batch(items), self.residuals.start
+            self.residuals.attach(batch, items)
         return batch
 
     @torch.no_grad()
