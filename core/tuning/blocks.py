@@ -123,7 +123,8 @@ def _project(attn: nn.Module, x: torch.Tensor, qkv: tuple | None, cos: torch.Ten
     (the last block's reads) q is taken at those rows only, [R', H, dh]."""
     rows, head_dim = x.shape[0], attn.head_dim
     if query_rows is not None:
-        q = attn.q_proj(x.index_select(0, query_rows)).view(len(query_rows), -1, head_dim)
+        heads = attn.q_proj.out_features // head_dim  # not -1 in the view: no query rows is allowed
+        q = attn.q_proj(x.index_select(0, query_rows)).view(len(query_rows), heads, head_dim)
         if qkv is None:
             k, v = attn.k_proj(x), attn.v_proj(x)
         else:  # k|v rows of the stacked weight: one product
@@ -366,8 +367,12 @@ def token_attention(model: nn.Module, hidden: torch.Tensor, index: int) -> Token
     x = _norm(layer.input_layernorm, hidden.reshape(batch * length, width))
     positions = torch.arange(length, device=hidden.device)
     cos, sin = _row_rotary(decoder, x, 0, 0, positions.repeat(batch))
-    q, k, v = _project(attn, x, fuse_projections(layer)[0], cos, sin)  # [B*T, ., dh]
-    heads, kv, head_dim = q.shape[1], k.shape[1], attn.head_dim
+    head_dim = attn.head_dim
+    query = attn.q_proj(x).view(batch * length, -1, head_dim)  # kept before RoPE: the loop rotates it where it sits
+    # keys and values from the k|v rows of the stacked weight (no query rows): the queries are projected once
+    _, k, v = _project(attn, x, fuse_projections(layer)[0], cos, sin, query_rows=positions[:0])
+    q = _rope(query, cos, sin)  # [B*T, H, dh]
+    heads, kv = q.shape[1], k.shape[1]
     group = heads // kv
     q, k, v = (t.view(batch, length, -1, head_dim).transpose(1, 2) for t in (q, k, v))  # [B, ., T, dh]
     scores = torch.matmul(q.reshape(batch, kv, group * length, head_dim), k.transpose(-1, -2))
@@ -376,8 +381,8 @@ def token_attention(model: nn.Module, hidden: torch.Tensor, index: int) -> Token
     lse = torch.logsumexp(scores, dim=-1)  # [B, KV, g, T]
     probs = torch.exp(scores - lse[..., None]).to(v.dtype).view(batch, kv, group * length, length)
     attended = torch.matmul(probs, v).view(batch, heads, length, head_dim).transpose(1, 2)  # [B, T, H, dh]
-    query = attn.q_proj(x).view(batch, length, heads, head_dim)
-    return TokenAttention(query, attended.contiguous(), lse.view(batch, heads, length).transpose(1, 2).contiguous())
+    lse = lse.view(batch, heads, length).transpose(1, 2).contiguous()  # [B, T, H]
+    return TokenAttention(query.view(batch, length, heads, head_dim), attended.contiguous(), lse)
 
 
 def _attend_merged(q: torch.Tensor, tokens: TokenAttention, kd: torch.Tensor, vd: torch.Tensor,
