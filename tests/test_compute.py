@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+import core.paths
 from core import compute as policy
 from core.tuning import TrainConfig, build_prompt, collate, encode_examples, train
 from core.tuning.cached import ResidualCache
@@ -60,24 +62,31 @@ def test_cached_residual_loss_equals_the_full_forward(tiny_lm, tmp_path, monkeyp
     """The cached path (the start block's token attention cached, its deep keys joined to it; the last block at
     the read positions only) gives the full pass's loss and gradients, with prompted blocks anywhere from the
     start block on, the last block alone included, and rows sharing a token prefix ("Question: What is")."""
-    monkeypatch.setenv("PRIOR_LAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(core.paths, "CACHE_DIR", tmp_path)  # computed here, not read from an earlier run's cache
     prompt = build_prompt("deep", tiny_lm.hidden_size, tiny_lm.num_layers, n_tokens=3, layers=layers, soft=False)
     gen = torch.Generator().manual_seed(0)
     prompt.load_tensors({k: torch.randn(v.shape, generator=gen) for k, v in prompt.named_tensors().items()})
     assert prompt.n_prefix == 0 and set(prompt.named_tensors()) == {f"deep.{x}" for x in layers}
+    # sharper attention than the random init's (near uniform, where a query at the wrong position or a wrong
+    # score scale hardly moves the output), so the cached queries and the score join are really checked
+    model = copy.deepcopy(tiny_lm.model)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
     items = encode_examples(tiny_lm.tokenizer, _math(6))
-    full = answer_loss(tiny_lm.model, prompt, collate(items, tiny_lm.tokenizer.pad_token_id))
+    full = answer_loss(model, prompt, collate(items, tiny_lm.tokenizer.pad_token_id))
     full.backward()
     full_grads = {k: p.grad.clone() for k, p in prompt.named_tensors().items()}
     prompt.zero_grad(set_to_none=True)
     start = min(layers)
-    cache = ResidualCache(tiny_lm, tiny_lm.model, None, start=start)
+    cache = ResidualCache(tiny_lm, model, None, start=start)
     batch = collate(items, tiny_lm.tokenizer.pad_token_id)
     # residuals computed in another grouping than the batch: a row's stream must not depend on its batch-mates
     cache.get(items[3:]), cache.get(items[:3])
     cache.attach(batch, items)
     assert batch.first_attention is not None and common_token_prefix(batch) > 0
-    cached = answer_loss(tiny_lm.model, prompt, batch)
+    cached = answer_loss(model, prompt, batch)
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
     cached.backward()
     for name, param in prompt.named_tensors().items():
