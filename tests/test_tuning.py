@@ -211,11 +211,13 @@ def test_fused_head_gives_the_cross_entropy_of_the_logits_and_its_gradient(monke
     """The block loop's loss on CPU: the head and the summed cross-entropy in one pass over vocabulary chunks,
     the gradient folded in with a running log-sum-exp. Loss and gradient equal logits-then-cross_entropy's, with
     labels in several chunks (a partial last one) and logits large enough that a chunk's maximum moves; under
-    no_grad it computes the same loss and keeps nothing for a backward."""
+    no_grad it computes the same loss and keeps nothing for a backward. In bf16 the chunks are packed for oneDNN
+    once per weight (where torch has it); a weight changed in place is packed again."""
     from core.tuning import loss as loss_module
 
     monkeypatch.setattr(loss_module, "HEAD_CHUNK", 7)
     monkeypatch.setattr(loss_module, "HEAD_GROUP", 2)  # with 2 threads: two full groups of 2 chunks, then 12 rows
+    monkeypatch.setattr(loss_module, "HEAD_CHUNK_BF16", 7)  # bf16: five chunks of 7, then 5 rows
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randn(40, 16, generator=gen) * 3).to(dtype)
     rows = (torch.randn(5, 16, generator=gen) * 2).to(dtype).requires_grad_()
@@ -232,6 +234,15 @@ def test_fused_head_gives_the_cross_entropy_of_the_logits_and_its_gradient(monke
         plain = loss_module.LinearCrossEntropy.apply(rows, weight, labels, False)
     torch.testing.assert_close(plain, expected.detach(), **tol)
     assert not plain.requires_grad
+    if dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+        assert len(loss_module._packed_head(weight)) == 6  # the path above ran on packed chunks
+    with torch.no_grad():
+        weight[13] = rows[2]  # row 2's largest logit: a stale packing would miss it
+    expected = F.cross_entropy(F.linear(rows, weight).float(), labels, reduction="sum")
+    (expected_grad,) = torch.autograd.grad(expected, rows)
+    fused = loss_module.LinearCrossEntropy.apply(rows, weight, labels, True)
+    torch.testing.assert_close(fused, expected, **tol)
+    torch.testing.assert_close(torch.autograd.grad(fused, rows)[0].float(), expected_grad.float(), **tol)
 
 
 @pytest.mark.parametrize(("lq", "lk", "chunk"), [(9, 9, 4), (7, 12, 3), (5, 5, 64)])
