@@ -206,18 +206,23 @@ def test_block_loop_gives_the_models_own_loss_and_gradient(tiny_lm, monkeypatch,
         torch.testing.assert_close(loop_grads[name], grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_head_gives_the_cross_entropy_of_the_logits_and_its_gradient(monkeypatch, dtype):
+def test_fused_head_gives_the_cross_entropy_of_the_logits_and_its_gradient(monkeypatch, dtype, packed):
     """The block loop's loss on CPU: the head and the summed cross-entropy in one pass over vocabulary chunks,
     the gradient folded in with a running log-sum-exp. Loss and gradient equal logits-then-cross_entropy's, with
     labels in several chunks (a partial last one) and logits large enough that a chunk's maximum moves; under
-    no_grad it computes the same loss and keeps nothing for a backward. In bf16 the chunks are packed for oneDNN
-    once per weight (where torch has it); a weight changed in place is packed again."""
+    no_grad it computes the same loss and keeps nothing for a backward. The chunks are packed for oneDNN once per
+    weight where torch has it (a weight changed in place is packed again), else batched products of plain ones."""
     from core.tuning import loss as loss_module
 
+    if packed and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN: the head runs unpacked")
+    if not packed:
+        monkeypatch.setattr(loss_module, "_packed_head", lambda weight: None)
+    monkeypatch.setattr(loss_module, "PACKED_HEAD_CHUNK", 7)  # five chunks of 7, then 5 rows
     monkeypatch.setattr(loss_module, "HEAD_CHUNK", 7)
     monkeypatch.setattr(loss_module, "HEAD_GROUP", 2)  # with 2 threads: two full groups of 2 chunks, then 12 rows
-    monkeypatch.setattr(loss_module, "HEAD_CHUNK_BF16", 7)  # bf16: five chunks of 7, then 5 rows
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randn(40, 16, generator=gen) * 3).to(dtype)
     rows = (torch.randn(5, 16, generator=gen) * 2).to(dtype).requires_grad_()
@@ -234,7 +239,7 @@ def test_fused_head_gives_the_cross_entropy_of_the_logits_and_its_gradient(monke
         plain = loss_module.LinearCrossEntropy.apply(rows, weight, labels, False)
     torch.testing.assert_close(plain, expected.detach(), **tol)
     assert not plain.requires_grad
-    if dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+    if packed:
         assert len(loss_module._packed_head(weight)) == 6  # the path above ran on packed chunks
     with torch.no_grad():
         weight[13] = rows[2]  # row 2's largest logit: a stale packing would miss it

@@ -100,36 +100,41 @@ def common_token_prefix(batch: Batch) -> int:
     return max(0, min(length, int(batch.cols.min()) - 1))
 
 
-# Vocabulary rows per chunk of `LinearCrossEntropy` (256 x 576 fp32 weights, 590 KB, stay in a core's L2 between
-# the chunk's two products) and chunks per batched product (at least one per thread). SmolLM2's head on 24 answer
-# rows, loss and gradient (fp32, 2 AVX2 threads): 256 x 8 26.7 ms, 1024 x 2 27.5, 1024 one chunk at a time 32.3.
+# Vocabulary rows per chunk of `LinearCrossEntropy` where the head is packed for oneDNN (`_packed_head`: fp32 and
+# bf16 on CPU builds with oneDNN). SmolLM2's head on 24 answer rows, loss and gradient, 2 threads of an AVX512-BF16
+# Zen 5: bf16 6.3 ms at 8192 (6.7 at 4096, 7.6 at 2048) against 8.7-10 unpacked; fp32 11.3 ms at 8192 (12.6 at
+# 2048) against 22.3 for the unpacked chunks below, and 17.9 against 23.0 with oneDNN and MKL held to AVX2
+# (`ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`).
+PACKED_HEAD_CHUNK = 8192
+# Unpacked (no oneDNN): rows per chunk (256 x 576 fp32 weights, 590 KB, stay in a core's L2 between the chunk's two
+# products) and chunks per batched product (at least one per thread). SmolLM2's head on 24 answer rows, loss and
+# gradient (fp32, 2 AVX2 threads): 256 x 8 26.7 ms, 1024 x 2 27.5, 1024 one chunk at a time 32.3.
 HEAD_CHUNK = 256
 HEAD_GROUP = 8
-# In bf16 the products are ~4x faster and the per-chunk softmax steps weigh more: one product per 8192 rows, against
-# the chunk packed once by oneDNN (`_packed_head`): 6.3 ms for the head on 24 rows, 6.7 at 4096, 7.6 at 2048.
-HEAD_CHUNK_BF16 = 8192
 _PACKED_ATTRIBUTE = "_prior_lab_packed_head"  # kept on the head's weight: (key, [(chunk, chunk.T) packed])
 _PACK_LOCK = threading.Lock()
 
 
 def _packed_head(weight: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """The frozen bf16 head `weight` in chunks of `HEAD_CHUNK_BF16` vocabulary rows, each chunk and its transpose
+    """The frozen head `weight` in chunks of `PACKED_HEAD_CHUNK` vocabulary rows, each chunk and its transpose
     reordered once into oneDNN's blocked layout for `torch.ops.mkldnn._linear_pointwise`, or None where this torch
-    build has no oneDNN linear. The same numbers as the plain products (bit for bit here) at a higher rate on the
-    thin [N, d] x [d, C] products of a step's few answer rows: SmolLM2's head on 24 rows, logits 3.9 -> 2.9 ms and
-    the gradient's `probs @ W` 4.5 -> 2.4 ms (2 AVX512-BF16 threads, Zen 5). Costs twice the weight's memory (113 MB
-    for SmolLM2), kept on the weight for as long as the model lives; a changed or moved weight is packed again."""
-    key = (HEAD_CHUNK_BF16, weight._version, weight.data_ptr(), weight.device)
+    build or dtype has no oneDNN linear. The same numbers as the plain products (bit for bit in bf16 here, within
+    fp32 rounding in fp32) at a higher rate on the thin [N, d] x [d, C] products of a step's few answer rows:
+    SmolLM2's head on 24 rows in bf16, logits 3.9 -> 2.9 ms and the gradient's `probs @ W` 4.5 -> 2.4 ms (see
+    PACKED_HEAD_CHUNK). Costs twice the weight's memory (113 MB for SmolLM2 in bf16, 226 in fp32), kept on the
+    weight for as long as the model lives; a changed or moved weight is packed again."""
+    key = (PACKED_HEAD_CHUNK, weight._version, weight.data_ptr(), weight.device, weight.dtype)
     with _PACK_LOCK:
         cached = getattr(weight, _PACKED_ATTRIBUTE, None)
         if cached is not None and cached[0] == key:
             return cached[1]
-        if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        if (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16)
+                or not torch.backends.mkldnn.is_available()):
             return None
         try:
             reorder = torch.ops.mkldnn._reorder_linear_weight
             packed = [(reorder(c, 32), reorder(c.t().contiguous(), 32))
-                      for c in weight.detach().split(HEAD_CHUNK_BF16)]
+                      for c in weight.detach().split(PACKED_HEAD_CHUNK)]
         except (AttributeError, RuntimeError):  # a torch without the op, or a kernel that refuses the shape
             return None
         setattr(weight, _PACKED_ATTRIBUTE, (key, packed))
@@ -150,8 +155,8 @@ def fused_head(head: nn.Module, rows: torch.Tensor, labels: torch.Tensor) -> boo
 
 class LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of the logits `rows @ weight.T` [N, V] against `labels` [N], and its gradient with
-    respect to `rows`, in one pass over the vocabulary in chunks (`HEAD_CHUNK` rows of the weight; in bf16
-    `HEAD_CHUNK_BF16`, packed for oneDNN once per weight by `_packed_head`).
+    respect to `rows`, in one pass over the vocabulary in chunks of the weight (`PACKED_HEAD_CHUNK` rows, packed
+    for oneDNN once per weight by `_packed_head`; without oneDNN `HEAD_CHUNK` rows).
 
     On the few answer rows a step scores (~24 on MATH) the head's two products, logits forward and `dlogits @ W`
     backward, each read the whole 49,152 x 576 weight and ran at half the matmul rate (27 and 23 ms in a 110 ms
@@ -170,11 +175,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         running_max = torch.full((n, 1), float("-inf"), device=rows.device)
         total = torch.zeros(n, 1, device=rows.device)  # sum of exp(logit - running_max)
         grad = torch.zeros(n, rows.shape[1], device=rows.device) if want_grad else None  # sum of exp(...) * w_v
-        # fp32: G chunks at a time, one batched product each way: every thread takes chunks of its own (a thin
-        # [N, C] product split across threads is slower: see HEAD_CHUNK); bf16: one larger chunk at a time, packed
-        packed = _packed_head(weight) if rows.dtype == torch.bfloat16 else None
-        size, group = ((HEAD_CHUNK, max(HEAD_GROUP, torch.get_num_threads())) if rows.dtype == torch.float32
-                       else (HEAD_CHUNK_BF16, 1))
+        # packed: one chunk at a time; unpacked: G chunks at a time, one batched product each way, every thread
+        # taking chunks of its own (a thin [N, C] product split across threads is slower: see HEAD_CHUNK)
+        packed = _packed_head(weight)
+        size, group = ((PACKED_HEAD_CHUNK, 1) if packed is not None
+                       else (HEAD_CHUNK, max(HEAD_GROUP, torch.get_num_threads())))
         step = group * size
         for index, start in enumerate(range(0, vocab, step)):
             chunk = weight[start: start + step]
