@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.tuning.packed import linear, module_linear
+
 _FUSE_LOCK = threading.Lock()  # two jobs on one model (the dashboard) must not both restack its weights
 
 
@@ -124,20 +126,21 @@ def _project(attn: nn.Module, x: torch.Tensor, qkv: tuple | None, cos: torch.Ten
     rows, head_dim = x.shape[0], attn.head_dim
     if query_rows is not None:
         heads = attn.q_proj.out_features // head_dim  # not -1 in the view: no query rows is allowed
-        q = attn.q_proj(x.index_select(0, query_rows)).view(len(query_rows), heads, head_dim)
+        q = module_linear(attn.q_proj, x.index_select(0, query_rows)).view(len(query_rows), heads, head_dim)
         if qkv is None:
-            k, v = attn.k_proj(x), attn.v_proj(x)
+            k, v = module_linear(attn.k_proj, x), module_linear(attn.v_proj, x)
         else:  # k|v rows of the stacked weight: one product
             weight, bias = (None if t is None else t[attn.q_proj.out_features:] for t in qkv)
-            k, v = F.linear(x, weight, bias).split([attn.k_proj.out_features, attn.v_proj.out_features], dim=1)
+            kv = linear(attn, "kv", x, weight, bias)
+            k, v = kv.split([attn.k_proj.out_features, attn.v_proj.out_features], dim=1)
         k, v = k.view(rows, -1, head_dim), v.view(rows, -1, head_dim)
         q = _rope(q, cos.index_select(0, query_rows), sin.index_select(0, query_rows))
         return q, _rope(k, cos, sin), v
     if qkv is None:
-        qk = torch.cat([attn.q_proj(x), attn.k_proj(x)], dim=-1).view(rows, -1, head_dim)
-        v = attn.v_proj(x).view(rows, -1, head_dim)
+        qk = torch.cat([module_linear(attn.q_proj, x), module_linear(attn.k_proj, x)], dim=-1).view(rows, -1, head_dim)
+        v = module_linear(attn.v_proj, x).view(rows, -1, head_dim)
     else:
-        out = F.linear(x, *qkv)  # [R, (H + 2 KV) dh]
+        out = linear(attn, "qkv", x, *qkv)  # [R, (H + 2 KV) dh]
         split = attn.q_proj.out_features + attn.k_proj.out_features
         # split, not two slices: its backward is one cat, where each slice's fills a zero tensor of the whole
         qk, v = (part.view(rows, -1, head_dim) for part in out.split([split, out.shape[1] - split], dim=1))
@@ -161,8 +164,8 @@ def _row_rotary(decoder: nn.Module, h: torch.Tensor, n: int, shared: int,
 def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: tuple | None) -> torch.Tensor:
     if gate_up is None:
         return mlp(x)
-    gate, up = F.linear(x, *gate_up).chunk(2, dim=-1)
-    return mlp.down_proj(mlp.act_fn(gate) * up)
+    gate, up = linear(mlp, "gate_up", x, *gate_up).chunk(2, dim=-1)
+    return module_linear(mlp.down_proj, mlp.act_fn(gate) * up)
 
 
 class _Layout:
@@ -368,7 +371,8 @@ def token_attention(model: nn.Module, hidden: torch.Tensor, index: int) -> Token
     positions = torch.arange(length, device=hidden.device)
     cos, sin = _row_rotary(decoder, x, 0, 0, positions.repeat(batch))
     head_dim = attn.head_dim
-    query = attn.q_proj(x).view(batch * length, -1, head_dim)  # kept before RoPE: the loop rotates it where it sits
+    # kept before RoPE: the loop rotates it where it sits
+    query = module_linear(attn.q_proj, x).view(batch * length, -1, head_dim)
     # keys and values from the k|v rows of the stacked weight (no query rows): the queries are projected once
     _, k, v = _project(attn, x, fuse_projections(layer)[0], cos, sin, query_rows=positions[:0])
     q = _rope(query, cos, sin)  # [B*T, H, dh]
@@ -504,11 +508,11 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
                 out = _attend(q, k, v, allowed, attn.scaling).transpose(1, 2).flatten(0, 1)  # [B*A, H, dh]
                 out = out.flatten(1)  # [B*A, H*dh]
         if index < last:
-            h = h + attn.o_proj(out)
+            h = h + module_linear(attn.o_proj, out)
             h = h + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h), gate_up)
         else:  # the last block: the read positions only
             h_read = h[shared:][layout.read_rows]  # [B, A, d]
-            h_read = h_read + attn.o_proj(out.view(batch, layout.read_at.shape[1], -1))
+            h_read = h_read + module_linear(attn.o_proj, out.view(batch, layout.read_at.shape[1], -1))
             h_read = h_read[rows, layout.slot]  # [N, d], in the order of (rows, cols)
             h_read = h_read + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h_read), gate_up)
             return _norm(decoder.norm, h_read)

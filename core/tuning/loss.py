@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from core.tuning import blocks
+from core.tuning import packed as packing
 from core.tuning.base import PromptModule
 from core.tuning.batches import Batch
 
@@ -117,33 +118,24 @@ _PACK_LOCK = threading.Lock()
 
 def _packed_head(weight: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """The frozen head `weight` in chunks of `PACKED_HEAD_CHUNK` vocabulary rows, each chunk and its transpose
-    reordered once into oneDNN's blocked layout for `torch.ops.mkldnn._linear_pointwise`, or None where this torch
-    build or dtype has no oneDNN linear. The same numbers as the plain products (bit for bit in bf16 here, within
-    fp32 rounding in fp32) at a higher rate on the thin [N, d] x [d, C] products of a step's few answer rows:
-    SmolLM2's head on 24 rows in bf16, logits 3.9 -> 2.9 ms and the gradient's `probs @ W` 4.5 -> 2.4 ms (see
-    PACKED_HEAD_CHUNK). Costs twice the weight's memory (113 MB for SmolLM2 in bf16, 226 in fp32), kept on the
-    weight for as long as the model lives; a changed or moved weight is packed again."""
+    packed once for oneDNN's linear (`core.tuning.packed`), or None where this torch build, CPU or dtype cannot.
+    The same numbers as the plain products (bit for bit in bf16 here, within fp32 rounding in fp32) at a higher
+    rate on the thin [N, d] x [d, C] products of a step's few answer rows: SmolLM2's head on 24 rows in bf16,
+    logits 3.9 -> 2.9 ms and the gradient's `probs @ W` 4.5 -> 2.4 ms (see PACKED_HEAD_CHUNK). Costs twice the
+    weight's memory (113 MB for SmolLM2 in bf16, 226 in fp32), kept on the weight for as long as the model lives;
+    a changed or moved weight is packed again."""
     key = (PACKED_HEAD_CHUNK, weight._version, weight.data_ptr(), weight.device, weight.dtype)
     with _PACK_LOCK:
         cached = getattr(weight, _PACKED_ATTRIBUTE, None)
         if cached is not None and cached[0] == key:
             return cached[1]
-        if (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16)
-                or not torch.backends.mkldnn.is_available()):
-            return None
-        try:
-            reorder = torch.ops.mkldnn._reorder_linear_weight
-            packed = [(reorder(c, 32), reorder(c.t().contiguous(), 32))
-                      for c in weight.detach().split(PACKED_HEAD_CHUNK)]
-        except (AttributeError, RuntimeError):  # a torch without the op, or a kernel that refuses the shape
-            return None
-        setattr(weight, _PACKED_ATTRIBUTE, (key, packed))
-        return packed
-
-
-def _packed_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """x [N, d] @ W.T for W [C, d] packed by `_packed_head`: [N, C]."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        chunks = None
+        if packing.ENABLED:
+            chunks = [(packing.pack(c), packing.pack(c.t())) for c in weight.detach().split(PACKED_HEAD_CHUNK)]
+            if any(p is None for pair in chunks for p in pair):
+                chunks = None  # this CPU or dtype cannot: remembered too, so it is not tried every step
+        setattr(weight, _PACKED_ATTRIBUTE, (key, chunks))
+        return chunks
 
 
 def fused_head(head: nn.Module, rows: torch.Tensor, labels: torch.Tensor) -> bool:
@@ -188,7 +180,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             else:  # the vocabulary's last, partial group: one chunk
                 chunk = chunk.unsqueeze(0)  # [1, C', d]
             if packed is not None:
-                logits = _packed_product(rows, packed[index][0]).unsqueeze(0)
+                logits = packing.product(rows, packed[index][0]).unsqueeze(0)
             else:
                 logits = torch.bmm(rows.expand(chunk.shape[0], -1, -1), chunk.transpose(1, 2))  # [G, N, C]
             logits = logits.float()  # rounded as the head's logits are
@@ -198,7 +190,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             total = total * rescale + probs.sum(dim=(0, 2))[:, None]
             if want_grad:
                 probs = probs.to(chunk.dtype)
-                share = (_packed_product(probs[0], packed[index][1]) if packed is not None
+                share = (packing.product(probs[0], packed[index][1]) if packed is not None
                          else torch.bmm(probs, chunk).sum(dim=0, dtype=torch.float32))  # [N, d]
                 grad = grad * rescale + share.float()
             running_max = new_max

@@ -1,0 +1,80 @@
+"""Frozen weights packed for oneDNN (core.tuning.packed): the block loop's products must keep F.linear's numbers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.tuning import packed
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+
+
+def _frozen_linear(dtype: torch.dtype, bias: bool) -> nn.Linear:
+    gen = torch.Generator().manual_seed(0)
+    layer = nn.Linear(24, 40, bias=bias).requires_grad_(False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(40, 24, generator=gen))
+        if bias:
+            layer.bias.copy_(torch.randn(40, generator=gen))
+    return layer.to(dtype)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_gives_f_linear_and_its_input_gradient(monkeypatch, dtype, bias):
+    """Output and input gradient equal F.linear's for 2-d and 3-d inputs; the weight is really packed (and its
+    transpose, at the backward); a weight changed in place is packed again rather than served stale."""
+    layer = _frozen_linear(dtype, bias)
+    if packed.pack(layer.weight) is None:
+        pytest.skip(f"this CPU cannot pack {dtype} weights")
+    monkeypatch.setattr(packed, "LINEAR_DTYPES", (torch.float32, torch.bfloat16))  # bf16: off by default, still exact
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    for shape in ((7, 24), (3, 5, 24)):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+        upstream = torch.randn(*shape[:-1], 40, generator=torch.Generator().manual_seed(2)).to(dtype)
+        expected = F.linear(x, layer.weight, layer.bias)
+        (expected_grad,) = torch.autograd.grad(expected, x, upstream)
+        out = packed.module_linear(layer, x)
+        (grad,) = torch.autograd.grad(out, x, upstream)
+        torch.testing.assert_close(out, expected, **tol)
+        torch.testing.assert_close(grad, expected_grad, **tol)
+    entry = packed.packed(layer, "weight", layer.weight)
+    assert entry is not None and entry._transposed is not None  # both products went through the packings
+    with torch.no_grad():
+        layer.weight.mul_(-1)
+    x = torch.randn(7, 24).to(dtype)
+    torch.testing.assert_close(packed.module_linear(layer, x), F.linear(x, layer.weight, layer.bias), **tol)
+
+
+def test_packed_linear_steps_aside_where_packing_would_change_the_computation(monkeypatch):
+    """A weight that trains gets its gradient (F.linear), autocast still casts, zero rows work, and packing off
+    means F.linear: the packed path is only ever a faster route to the same numbers."""
+    layer = _frozen_linear(torch.float32, bias=False)
+    trained = copy.deepcopy(layer).requires_grad_(True)
+    x = torch.randn(4, 24)
+    packed.module_linear(trained, x).sum().backward()
+    assert trained.weight.grad is not None and trained.weight.grad.abs().sum() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert packed.module_linear(layer, x).dtype == torch.bfloat16
+    assert packed.module_linear(layer, x[:0]).shape == (0, 40)
+    monkeypatch.setattr(packed, "ENABLED", False)
+    fresh = _frozen_linear(torch.float32, bias=False)
+    packed.module_linear(fresh, x)
+    assert not packed._STORE.get(fresh)  # nothing packed for it
+
+
+def test_a_copied_model_does_not_carry_or_share_packings():
+    """Packings live beside the module, not in it: deepcopy copies the weights only, and the copy packs its own."""
+    layer = _frozen_linear(torch.float32, bias=False)
+    x = torch.randn(3, 24)
+    packed.module_linear(layer, x)
+    clone = copy.deepcopy(layer)
+    assert clone not in packed._STORE
+    with torch.no_grad():
+        clone.weight.mul_(2)
+    torch.testing.assert_close(packed.module_linear(clone, x), 2 * packed.module_linear(layer, x))
