@@ -1,11 +1,11 @@
 """Deep prompt-tuning from cached activations against the full forward, per training step, on the embedded model.
 
-    .venv/bin/python bench/bench_deep_cached.py [--k 3] [--steps 6] [--dataset math]
+    .venv/bin/python bench/bench_deep_cached.py [--k 3] [--steps 6] [--dataset math] [--compute auto]
 
 Deep prompts at the last k of L blocks without a token-level soft prompt (`--no-soft`): the residual stream
 entering the first prompted block does not depend on anything trained, so `core.tuning.cached` computes it once
 per example and each step runs k blocks instead of L. All sides train the same prompt on the same real batches at
-compute "auto" and are timed interleaved, step by step:
+the same compute (`--compute`, "auto" by default) and are timed interleaved, step by step:
 - full: our uncached path (`cached_activations=False`: the block loop from block 0, core.tuning.blocks);
 - paper: the whole model every step through its own forward with the prompt's hooks, as the paper's code runs it
   (`core.tuning.loss.hooked_answer_loss`), what a user of that code would run instead.
@@ -42,18 +42,20 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6, help="measured steps per side")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dataset", default="math", choices=["math", "squad"])
+    parser.add_argument("--compute", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="compute for all sides (default auto, as training runs)")
     args = parser.parse_args()
     lm = load_model(device="auto")
-    decision = decide(lm)
+    decision = decide(lm, args.compute)
     print(f"device {lm.device} ({torch.backends.cpu.get_cpu_capability()}), threads {torch.get_num_threads()}; "
-          f"compute auto -> {decision.reason}")
+          f"compute {args.compute} -> {decision.reason}")
     examples = load_examples(args.dataset, split="train", n=args.batch_size * args.steps, seed=0)
     if args.dataset == "squad":
         examples = [fit_to_length(ex, lm.tokenizer, 318) for ex in examples]
     items = encode_examples(lm.tokenizer, examples, max_length=320)
     batches = [[items[i] for i in idx] for idx in epoch_batches(items, args.batch_size, seed=0, epoch=0)]
     layers = list(range(lm.num_layers - args.k, lm.num_layers))
-    model, amp = compute_model(lm, "auto")
+    model, amp = compute_model(lm, args.compute)
     prompt = build_prompt("deep", lm.hidden_size, lm.num_layers, n_tokens=20, layers=layers, soft=False)
     prompt.to(lm.device)
     gen = torch.Generator().manual_seed(0)
