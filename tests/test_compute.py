@@ -94,7 +94,8 @@ def test_cached_residual_loss_equals_the_full_forward(tiny_lm, tmp_path, monkeyp
         torch.testing.assert_close(param.grad, full_grads[name], rtol=1e-4, atol=1e-6)
 
 
-def test_deep_without_soft_trains_from_the_cache_and_matches_the_uncached_run(tiny_lm, tmp_path):
+def test_deep_without_soft_trains_from_the_cache_and_matches_the_uncached_run(tiny_lm, tmp_path, monkeypatch):
+    monkeypatch.setattr(core.paths, "CACHE_DIR", tmp_path / "cache")  # computed here, not read from an earlier run's
     data = (_math(16), _math(8, offset=100), [])
     base = dict(method="deep", dataset="math", soft=False, layers=[2, 3], n_tokens=3, steps=3, batch_size=4,
                 val_every=1, snapshot_every=1, eval_n=0, n_val=8, compute="fp32", lr=0.05, prior="gaussian")
@@ -103,6 +104,7 @@ def test_deep_without_soft_trains_from_the_cache_and_matches_the_uncached_run(ti
     assert set(cached.prompt) == {"deep.2", "deep.3"}
     for a, b in zip(cached.history, plain.history, strict=True):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    assert any((tmp_path / "cache" / "residuals").iterdir())  # the cached run really stored residuals
     config = json.loads((tmp_path / "cached" / "run.json").read_text())["config"]
     assert config["cached_from_layer"] == 2 and config["compute_resolved"] == "fp32"
     assert config["compute_reason"].startswith("fp32")
