@@ -62,6 +62,12 @@ def test_packed_linear_steps_aside_where_packing_would_change_the_computation(mo
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert packed.module_linear(layer, x).dtype == torch.bfloat16
     assert packed.module_linear(layer, x[:0]).shape == (0, 40)
+    refused = _frozen_linear(torch.float32, bias=False)
+    calls = []
+    monkeypatch.setattr(packed, "pack", lambda weight: calls.append(weight) and None)  # a CPU the kernel refuses
+    for _ in range(2):
+        torch.testing.assert_close(packed.module_linear(refused, x), F.linear(x, refused.weight))
+    assert len(calls) == 1  # the refusal is remembered, not retried every step
     monkeypatch.setattr(packed, "ENABLED", False)
     fresh = _frozen_linear(torch.float32, bias=False)
     packed.module_linear(fresh, x)

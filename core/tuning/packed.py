@@ -56,7 +56,7 @@ def product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = N
 class PackedWeight:
     """A frozen weight's packing, and its transpose's (for the input's gradient), made on first use."""
 
-    def __init__(self, key: tuple, weight: torch.Tensor, forward: torch.Tensor) -> None:
+    def __init__(self, key: tuple, weight: torch.Tensor, forward: torch.Tensor | None) -> None:
         self.key, self.weight, self.forward = key, weight, forward
         self._transposed: torch.Tensor | None = None
 
@@ -78,15 +78,11 @@ def packed(owner: nn.Module, name: str, weight: torch.Tensor) -> PackedWeight | 
     with _LOCK:
         entries = _STORE.setdefault(owner, {})
         entry = entries.get(name)
-        if entry is not None and entry.key == key:
-            return entry
-    forward = pack(weight)
-    if forward is None:
-        return None
-    entry = PackedWeight(key, weight, forward)
-    with _LOCK:
-        entries[name] = entry
-    return entry
+    if entry is None or entry.key != key:
+        entry = PackedWeight(key, weight, pack(weight))  # a failed packing is kept too: not tried every step
+        with _LOCK:
+            entries[name] = entry
+    return entry if entry.forward is not None else None
 
 
 class _PackedLinear(torch.autograd.Function):
