@@ -45,6 +45,7 @@ import torch
 
 from core.models import LoadedModel
 from core.paths import cache_subdir
+from core.tuning.packed import packed_linears
 
 FORMAT_VERSION = 1  # bump when the stored layout changes; old entries are then ignored
 # Bounded so a long session cannot fill the disk; least recently used entries go first.
@@ -339,7 +340,7 @@ def run_forward(
     """One batch through the model up to the deepest layer; returns layer -> fp32 [B, T, d]."""
     device = lm.device
     use_bf16 = compute == "bf16"
-    with capture_layers(lm, layers) as store, cpu_threads(device), torch.inference_mode():
+    with capture_layers(lm, layers) as store, cpu_threads(device), torch.inference_mode(), packed_linears(lm.model):
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
             try:
                 lm.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)

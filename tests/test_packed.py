@@ -84,3 +84,21 @@ def test_a_copied_model_does_not_carry_or_share_packings():
     with torch.no_grad():
         clone.weight.mul_(2)
     torch.testing.assert_close(packed.module_linear(clone, x), 2 * packed.module_linear(layer, x))
+
+
+def test_packed_linears_runs_a_models_own_forward_packed_and_restores_it():
+    """Activation extraction runs the model's own forward: inside `packed_linears` its frozen linears go through
+    their packings with the same numbers, a trainable one is left alone, and every forward is restored on exit,
+    also when the pass is cut short by an exception (as `run_forward` stops at its deepest layer)."""
+    model = nn.Sequential(_frozen_linear(torch.float32, bias=True), nn.ReLU(), nn.Linear(40, 8))
+    model[0].requires_grad_(False)
+    x = torch.randn(5, 24)
+    expected = model(x)
+    with packed.packed_linears(model):
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        assert "weight" in packed._STORE.get(model[0], {})  # the frozen one really ran packed
+        assert "forward" not in vars(model[2])  # the trainable one runs as it is
+    assert not any("forward" in vars(m) for m in model.modules())
+    with pytest.raises(RuntimeError, match="stop"), packed.packed_linears(model):
+        raise RuntimeError("stop")
+    assert not any("forward" in vars(m) for m in model.modules())

@@ -14,9 +14,12 @@ as it lives, and made again if the weight changes or moves. `PRIOR_LAB_PACKED_WE
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import threading
 import weakref
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -122,3 +125,21 @@ def module_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(module) is not nn.Linear:
         return module(x)
     return linear(module, "weight", x, module.weight, module.bias)
+
+
+@contextlib.contextmanager
+def packed_linears(model: nn.Module) -> Iterator[None]:
+    """Within the block, the model's own forward runs its frozen plain `nn.Linear`s through `module_linear` (packed
+    where it can: fp32 on CPU; anything else computes as before). For passes that run the model as it is, such as
+    activation extraction; the previous forwards are restored on exit."""
+    swapped = []
+    if ENABLED:
+        for module in model.modules():
+            if type(module) is nn.Linear and "forward" not in vars(module) and not module.weight.requires_grad:
+                module.forward = functools.partial(module_linear, module)
+                swapped.append(module)
+    try:
+        yield
+    finally:
+        for module in swapped:
+            vars(module).pop("forward", None)
