@@ -340,7 +340,9 @@ def run_forward(
     """One batch through the model up to the deepest layer; returns layer -> fp32 [B, T, d]."""
     device = lm.device
     use_bf16 = compute == "bf16"
-    with capture_layers(lm, layers) as store, cpu_threads(device), torch.inference_mode(), packed_linears(lm.model):
+    # packed fp32 products only: under bf16 autocast every linear would fall back to F.linear anyway
+    packing = contextlib.nullcontext() if use_bf16 else packed_linears(lm.model)
+    with capture_layers(lm, layers) as store, cpu_threads(device), torch.inference_mode(), packing:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
             try:
                 lm.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)

@@ -102,3 +102,6 @@ def test_packed_linears_runs_a_models_own_forward_packed_and_restores_it():
     with pytest.raises(RuntimeError, match="stop"), packed.packed_linears(model):
         raise RuntimeError("stop")
     assert not any("forward" in vars(m) for m in model.modules())
+    bf16 = _frozen_linear(torch.bfloat16, bias=False)
+    with packed.packed_linears(bf16):  # bf16 keeps the plain products (LINEAR_DTYPES): nothing is swapped
+        assert "forward" not in vars(bf16)

@@ -219,33 +219,36 @@ def test_fused_head_gives_the_cross_entropy_of_the_logits_and_its_gradient(monke
     if packed and not torch.backends.mkldnn.is_available():
         pytest.skip("this torch has no oneDNN: the head runs unpacked")
     if not packed:
-        monkeypatch.setattr(loss_module, "_packed_head", lambda weight: None)
+        monkeypatch.setattr(loss_module, "_packed_head", lambda head: None)
     monkeypatch.setattr(loss_module, "PACKED_HEAD_CHUNK", 7)  # five chunks of 7, then 5 rows
     monkeypatch.setattr(loss_module, "HEAD_CHUNK", 7)
     monkeypatch.setattr(loss_module, "HEAD_GROUP", 2)  # with 2 threads: two full groups of 2 chunks, then 12 rows
     gen = torch.Generator().manual_seed(0)
-    weight = (torch.randn(40, 16, generator=gen) * 3).to(dtype)
+    head = torch.nn.Linear(16, 40, bias=False).requires_grad_(False).to(dtype)
+    weight = head.weight
+    with torch.no_grad():
+        weight.copy_(torch.randn(40, 16, generator=gen) * 3)
     rows = (torch.randn(5, 16, generator=gen) * 2).to(dtype).requires_grad_()
     labels = torch.tensor([0, 39, 13, 13, 27])
-    assert loss_module.fused_head(torch.nn.Linear(16, 40, bias=False).requires_grad_(False).to(dtype), rows, labels)
+    assert loss_module.fused_head(head, rows, labels)
     expected = F.cross_entropy(F.linear(rows, weight).float(), labels, reduction="sum")
     (expected_grad,) = torch.autograd.grad(expected, rows)
-    fused = loss_module.LinearCrossEntropy.apply(rows, weight, labels, True)
+    fused = loss_module.LinearCrossEntropy.apply(rows, head, labels, True)
     (fused_grad,) = torch.autograd.grad(fused, rows)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(fused, expected, **tol)
     torch.testing.assert_close(fused_grad.float(), expected_grad.float(), **tol)
     with torch.no_grad():
-        plain = loss_module.LinearCrossEntropy.apply(rows, weight, labels, False)
+        plain = loss_module.LinearCrossEntropy.apply(rows, head, labels, False)
     torch.testing.assert_close(plain, expected.detach(), **tol)
     assert not plain.requires_grad
     if packed:
-        assert len(loss_module._packed_head(weight)) == 6  # the path above ran on packed chunks
+        assert len(loss_module._packed_head(head)) == 6  # the path above ran on packed chunks
     with torch.no_grad():
         weight[13] = rows[2]  # row 2's largest logit: a stale packing would miss it
     expected = F.cross_entropy(F.linear(rows, weight).float(), labels, reduction="sum")
     (expected_grad,) = torch.autograd.grad(expected, rows)
-    fused = loss_module.LinearCrossEntropy.apply(rows, weight, labels, True)
+    fused = loss_module.LinearCrossEntropy.apply(rows, head, labels, True)
     torch.testing.assert_close(fused, expected, **tol)
     torch.testing.assert_close(torch.autograd.grad(fused, rows)[0].float(), expected_grad.float(), **tol)
 

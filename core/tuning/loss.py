@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +86,7 @@ def answer_loss(model: nn.Module, prompt: PromptModule | None, batch: Batch,
             logits = model.lm_head(rows)  # [N, V]
             return F.cross_entropy(logits.float(), batch.labels, reduction="sum")
     want_grad = torch.is_grad_enabled() and rows.requires_grad
-    return LinearCrossEntropy.apply(rows, model.lm_head.weight, batch.labels, want_grad)
+    return LinearCrossEntropy.apply(rows, model.lm_head, batch.labels, want_grad)
 
 
 def common_token_prefix(batch: Batch) -> int:
@@ -112,30 +111,25 @@ PACKED_HEAD_CHUNK = 8192
 # gradient (fp32, 2 AVX2 threads): 256 x 8 26.7 ms, 1024 x 2 27.5, 1024 one chunk at a time 32.3.
 HEAD_CHUNK = 256
 HEAD_GROUP = 8
-_PACKED_ATTRIBUTE = "_prior_lab_packed_head"  # kept on the head's weight: (key, [(chunk, chunk.T) packed])
-_PACK_LOCK = threading.Lock()
 
 
-def _packed_head(weight: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """The frozen head `weight` in chunks of `PACKED_HEAD_CHUNK` vocabulary rows, each chunk and its transpose
-    packed once for oneDNN's linear (`core.tuning.packed`), or None where this torch build, CPU or dtype cannot.
-    The same numbers as the plain products (bit for bit in bf16 here, within fp32 rounding in fp32) at a higher
-    rate on the thin [N, d] x [d, C] products of a step's few answer rows: SmolLM2's head on 24 rows in bf16,
-    logits 3.9 -> 2.9 ms and the gradient's `probs @ W` 4.5 -> 2.4 ms (see PACKED_HEAD_CHUNK). Costs twice the
-    weight's memory (113 MB for SmolLM2 in bf16, 226 in fp32), kept on the weight for as long as the model lives;
-    a changed or moved weight is packed again."""
-    key = (PACKED_HEAD_CHUNK, weight._version, weight.data_ptr(), weight.device, weight.dtype)
-    with _PACK_LOCK:
-        cached = getattr(weight, _PACKED_ATTRIBUTE, None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        chunks = None
-        if packing.ENABLED:
-            chunks = [(packing.pack(c), packing.pack(c.t())) for c in weight.detach().split(PACKED_HEAD_CHUNK)]
-            if any(p is None for pair in chunks for p in pair):
-                chunks = None  # this CPU or dtype cannot: remembered too, so it is not tried every step
-        setattr(weight, _PACKED_ATTRIBUTE, (key, chunks))
-        return chunks
+def _packed_head(head: nn.Module) -> list[packing.PackedWeight] | None:
+    """The frozen head's weight in chunks of `PACKED_HEAD_CHUNK` vocabulary rows, each chunk and its transpose
+    packed for oneDNN's linear (`core.tuning.packed`, kept with `head`), or None where this torch build, CPU or
+    dtype cannot. The same numbers as the plain products (bit for bit in bf16 here, within fp32 rounding in fp32)
+    at a higher rate on the thin [N, d] x [d, C] products of a step's few answer rows: SmolLM2's head on 24 rows in
+    bf16, logits 3.9 -> 2.9 ms and the gradient's `probs @ W` 4.5 -> 2.4 ms (see PACKED_HEAD_CHUNK). Costs twice
+    the weight's memory (113 MB for SmolLM2 in bf16, 226 in fp32) for as long as the model lives; a changed or moved
+    weight is packed again."""
+    if not packing.ENABLED:
+        return None
+    chunks = []
+    for index, chunk in enumerate(head.weight.detach().split(PACKED_HEAD_CHUNK)):
+        entry = packing.packed(head, f"head_chunk{PACKED_HEAD_CHUNK}_{index}", chunk)
+        if entry is None or entry.transposed() is None:
+            return None  # this CPU or dtype cannot (remembered by `packing.packed`, not tried every step)
+        chunks.append(entry)
+    return chunks
 
 
 def fused_head(head: nn.Module, rows: torch.Tensor, labels: torch.Tensor) -> bool:
@@ -146,9 +140,10 @@ def fused_head(head: nn.Module, rows: torch.Tensor, labels: torch.Tensor) -> boo
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of the logits `rows @ weight.T` [N, V] against `labels` [N], and its gradient with
-    respect to `rows`, in one pass over the vocabulary in chunks of the weight (`PACKED_HEAD_CHUNK` rows, packed
-    for oneDNN once per weight by `_packed_head`; without oneDNN `HEAD_CHUNK` rows).
+    """Summed cross-entropy of the logits `head(rows)` = `rows @ weight.T` [N, V] (a frozen bias-free nn.Linear,
+    see `fused_head`) against `labels` [N], and its gradient with respect to `rows`, in one pass over the vocabulary
+    in chunks of the weight (`PACKED_HEAD_CHUNK` rows, packed for oneDNN once per weight by `_packed_head`; without
+    oneDNN `HEAD_CHUNK` rows).
 
     On the few answer rows a step scores (~24 on MATH) the head's two products, logits forward and `dlogits @ W`
     backward, each read the whole 49,152 x 576 weight and ran at half the matmul rate (27 and 23 ms in a 110 ms
@@ -161,15 +156,16 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,  # noqa: ANN001
+    def forward(ctx, rows: torch.Tensor, head: nn.Linear, labels: torch.Tensor,  # noqa: ANN001
                 want_grad: bool) -> torch.Tensor:
+        weight = head.weight.detach()
         n, vocab = rows.shape[0], weight.shape[0]
         running_max = torch.full((n, 1), float("-inf"), device=rows.device)
         total = torch.zeros(n, 1, device=rows.device)  # sum of exp(logit - running_max)
         grad = torch.zeros(n, rows.shape[1], device=rows.device) if want_grad else None  # sum of exp(...) * w_v
         # packed: one chunk at a time; unpacked: G chunks at a time, one batched product each way, every thread
         # taking chunks of its own (a thin [N, C] product split across threads is slower: see HEAD_CHUNK)
-        packed = _packed_head(weight)
+        packed = _packed_head(head)
         size, group = ((PACKED_HEAD_CHUNK, 1) if packed is not None
                        else (HEAD_CHUNK, max(HEAD_GROUP, torch.get_num_threads())))
         step = group * size
@@ -180,7 +176,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             else:  # the vocabulary's last, partial group: one chunk
                 chunk = chunk.unsqueeze(0)  # [1, C', d]
             if packed is not None:
-                logits = packing.product(rows, packed[index][0]).unsqueeze(0)
+                logits = packing.product(rows, packed[index].forward).unsqueeze(0)
             else:
                 logits = torch.bmm(rows.expand(chunk.shape[0], -1, -1), chunk.transpose(1, 2))  # [G, N, C]
             logits = logits.float()  # rounded as the head's logits are
@@ -190,7 +186,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             total = total * rescale + probs.sum(dim=(0, 2))[:, None]
             if want_grad:
                 probs = probs.to(chunk.dtype)
-                share = (packing.product(probs[0], packed[index][1]) if packed is not None
+                share = (packing.product(probs[0], packed[index].transposed()) if packed is not None
                          else torch.bmm(probs, chunk).sum(dim=0, dtype=torch.float32))  # [N, d]
                 grad = grad * rescale + share.float()
             running_max = new_max

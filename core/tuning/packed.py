@@ -129,13 +129,15 @@ def module_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def packed_linears(model: nn.Module) -> Iterator[None]:
-    """Within the block, the model's own forward runs its frozen plain `nn.Linear`s through `module_linear` (packed
-    where it can: fp32 on CPU; anything else computes as before). For passes that run the model as it is, such as
-    activation extraction; the previous forwards are restored on exit."""
+    """Within the block, the model's own forward runs its frozen plain `nn.Linear`s on CPU in `LINEAR_DTYPES`
+    through `module_linear` (packed where it can; under autocast it falls back to F.linear, so a caller computing
+    in autocast should not enter this). For passes that run the model as it is, such as activation extraction; the
+    previous forwards are restored on exit."""
     swapped = []
     if ENABLED:
         for module in model.modules():
-            if type(module) is nn.Linear and "forward" not in vars(module) and not module.weight.requires_grad:
+            if (type(module) is nn.Linear and "forward" not in vars(module) and not module.weight.requires_grad
+                    and module.weight.device.type == "cpu" and module.weight.dtype in LINEAR_DTYPES):
                 module.forward = functools.partial(module_linear, module)
                 swapped.append(module)
     try:
