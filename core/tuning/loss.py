@@ -113,10 +113,10 @@ HEAD_CHUNK = 256
 HEAD_GROUP = 8
 
 
-def _packed_head(head: nn.Module) -> list[packing.PackedWeight] | None:
-    """The frozen head's weight in chunks of `PACKED_HEAD_CHUNK` vocabulary rows, each chunk and its transpose
-    packed for oneDNN's linear (`core.tuning.packed`, kept with `head`), or None where this torch build, CPU or
-    dtype cannot. The same numbers as the plain products (bit for bit in bf16 here, within fp32 rounding in fp32)
+def _packed_head(head: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The frozen head's weight in chunks of `PACKED_HEAD_CHUNK` vocabulary rows, as (chunk, its transpose) packed
+    for oneDNN's linear (`core.tuning.packed`, kept with `head`), or None where this torch build, CPU or dtype
+    cannot. The same numbers as the plain products (bit for bit in bf16 here, within fp32 rounding in fp32)
     at a higher rate on the thin [N, d] x [d, C] products of a step's few answer rows: SmolLM2's head on 24 rows in
     bf16, logits 3.9 -> 2.9 ms and the gradient's `probs @ W` 4.5 -> 2.4 ms (see PACKED_HEAD_CHUNK). Costs twice
     the weight's memory (113 MB for SmolLM2 in bf16, 226 in fp32) for as long as the model lives; a changed or moved
@@ -126,9 +126,10 @@ def _packed_head(head: nn.Module) -> list[packing.PackedWeight] | None:
     chunks = []
     for index, chunk in enumerate(head.weight.detach().split(PACKED_HEAD_CHUNK)):
         entry = packing.packed(head, f"head_chunk{PACKED_HEAD_CHUNK}_{index}", chunk)
-        if entry is None or entry.transposed() is None:
+        transposed = None if entry is None else entry.transposed()
+        if transposed is None:
             return None  # this CPU or dtype cannot (remembered by `packing.packed`, not tried every step)
-        chunks.append(entry)
+        chunks.append((entry.forward, transposed))
     return chunks
 
 
@@ -176,7 +177,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             else:  # the vocabulary's last, partial group: one chunk
                 chunk = chunk.unsqueeze(0)  # [1, C', d]
             if packed is not None:
-                logits = packing.product(rows, packed[index].forward).unsqueeze(0)
+                logits = packing.product(rows, packed[index][0]).unsqueeze(0)
             else:
                 logits = torch.bmm(rows.expand(chunk.shape[0], -1, -1), chunk.transpose(1, 2))  # [G, N, C]
             logits = logits.float()  # rounded as the head's logits are
@@ -186,7 +187,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             total = total * rescale + probs.sum(dim=(0, 2))[:, None]
             if want_grad:
                 probs = probs.to(chunk.dtype)
-                share = (packing.product(probs[0], packed[index].transposed()) if packed is not None
+                share = (packing.product(probs[0], packed[index][1]) if packed is not None
                          else torch.bmm(probs, chunk).sum(dim=0, dtype=torch.float32))  # [N, d]
                 grad = grad * rescale + share.float()
             running_max = new_max
