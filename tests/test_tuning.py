@@ -209,11 +209,12 @@ def test_block_loop_gives_the_models_own_loss_and_gradient(tiny_lm, monkeypatch,
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_head_gives_the_cross_entropy_of_the_logits_and_its_gradient(monkeypatch, dtype, packed):
-    """The block loop's loss on CPU: the head and the summed cross-entropy in one pass over vocabulary chunks,
-    the gradient folded in with a running log-sum-exp. Loss and gradient equal logits-then-cross_entropy's, with
-    labels in several chunks (a partial last one) and logits large enough that a chunk's maximum moves; under
-    no_grad it computes the same loss and keeps nothing for a backward. The chunks are packed for oneDNN once per
-    weight where torch has it (a weight changed in place is packed again), else batched products of plain ones."""
+    """The block loop's loss on CPU: the head and the summed cross-entropy in one pass over vocabulary chunks, the
+    gradient computed in the forward and the chunks joined by their log-sum-exps. Loss and gradient equal
+    logits-then-cross_entropy's, with labels in several chunks (a partial last one), logits large enough that a
+    chunk's maximum moves, and a label whose probability underflows fp32; under no_grad it computes the same loss
+    and keeps nothing for a backward. The chunks are packed for oneDNN once per weight where torch has it (a
+    weight changed in place is packed again), else batched products of plain ones."""
     from core.tuning import loss as loss_module
 
     if packed and not torch.backends.mkldnn.is_available():
@@ -244,6 +245,14 @@ def test_fused_head_gives_the_cross_entropy_of_the_logits_and_its_gradient(monke
     assert not plain.requires_grad
     if packed:
         assert len(loss_module._packed_head(head)) == 6  # the path above ran on packed chunks
+    far = (rows.detach() * 8).requires_grad_()  # logits hundreds of nats apart: p(argmin) underflows fp32
+    far_labels = F.linear(far, weight).argmin(dim=1)
+    assert (torch.softmax(F.linear(far, weight).float(), dim=-1).gather(1, far_labels[:, None]) == 0).any()
+    expected_far = F.cross_entropy(F.linear(far, weight).float(), far_labels, reduction="sum")
+    fused_far = loss_module.LinearCrossEntropy.apply(far, head, far_labels, True)
+    torch.testing.assert_close(fused_far, expected_far, **tol)
+    torch.testing.assert_close(torch.autograd.grad(fused_far, far)[0].float(),
+                               torch.autograd.grad(expected_far, far)[0].float(), **tol)
     with torch.no_grad():
         weight[13] = rows[2]  # row 2's largest logit: a stale packing would miss it
     expected = F.cross_entropy(F.linear(rows, weight).float(), labels, reduction="sum")

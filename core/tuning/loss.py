@@ -101,11 +101,10 @@ def common_token_prefix(batch: Batch) -> int:
 
 
 # Vocabulary rows per chunk of `LinearCrossEntropy` where the head is packed for oneDNN (`_packed_head`: fp32 and
-# bf16 on CPU builds with oneDNN). SmolLM2's head on 24 answer rows, loss and gradient, 2 threads of an AVX512-BF16
-# Zen 5: bf16 6.3 ms at 8192 (6.7 at 4096, 7.6 at 2048) against 8.7-10 unpacked; fp32 11.3 ms at 8192 (12.6 at
-# 2048) against 22.3 for the unpacked chunks below, and 17.9 against 23.0 with oneDNN and MKL held to AVX2
-# (`ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`).
-PACKED_HEAD_CHUNK = 8192
+# bf16 on CPU builds with oneDNN). SmolLM2's head, loss and gradient, bf16, 2 threads of a Zen 4, interleaved in one
+# process: 24 rows 11.9 ms at 8192, 10.9 at 12288, 10.7 at 16384; 240 rows 76.4, 76.6, 75.4. One pass over the whole
+# vocabulary (softmax of all logits, then one product) took 10.1-10.5 ms on 24 rows but 113-119 on 240.
+PACKED_HEAD_CHUNK = 16384
 # Unpacked (no oneDNN): rows per chunk (256 x 576 fp32 weights, 590 KB, stay in a core's L2 between the chunk's two
 # products) and chunks per batched product (at least one per thread). SmolLM2's head on 24 answer rows, loss and
 # gradient (fp32, 2 AVX2 threads): 256 x 8 26.7 ms, 1024 x 2 27.5, 1024 one chunk at a time 32.3.
@@ -118,9 +117,9 @@ def _packed_head(head: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]] | N
     for oneDNN's linear (`core.tuning.packed`, kept with `head`), or None where this torch build, CPU or dtype
     cannot. The same numbers as the plain products (bit for bit in bf16 here, within fp32 rounding in fp32)
     at a higher rate on the thin [N, d] x [d, C] products of a step's few answer rows: SmolLM2's head on 24 rows in
-    bf16, logits 3.9 -> 2.9 ms and the gradient's `probs @ W` 4.5 -> 2.4 ms (see PACKED_HEAD_CHUNK). Costs twice
-    the weight's memory (113 MB for SmolLM2 in bf16, 226 in fp32) for as long as the model lives; a changed or moved
-    weight is packed again."""
+    bf16, logits 3.9 -> 2.9 ms and the gradient's `probs @ W` 4.5 -> 2.4 ms (Zen 5). Costs twice the weight's memory
+    (113 MB for SmolLM2 in bf16, 226 in fp32) for as long as the model lives; a changed or moved weight is packed
+    again."""
     if not packing.ENABLED:
         return None
     chunks = []
@@ -143,65 +142,95 @@ def fused_head(head: nn.Module, rows: torch.Tensor, labels: torch.Tensor) -> boo
 class LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of the logits `head(rows)` = `rows @ weight.T` [N, V] (a frozen bias-free nn.Linear,
     see `fused_head`) against `labels` [N], and its gradient with respect to `rows`, in one pass over the vocabulary
-    in chunks of the weight (`PACKED_HEAD_CHUNK` rows, packed for oneDNN once per weight by `_packed_head`; without
-    oneDNN `HEAD_CHUNK` rows).
+    in chunks of the weight: the gradient is ready at the end of the forward (the weight gets none, a frozen head),
+    and the backward only scales it. `want_grad` False (validation, no grad) skips the gradient's products. Numbers
+    are those of `cross_entropy(rows @ weight.T, labels, "sum")` (logits in the rows' dtype, softmax in fp32) up to
+    float rounding.
 
     On the few answer rows a step scores (~24 on MATH) the head's two products, logits forward and `dlogits @ W`
     backward, each read the whole 49,152 x 576 weight and ran at half the matmul rate (27 and 23 ms in a 110 ms
-    cached deep step in fp32 on 2 AVX2 cores). Here each chunk's logits are folded into a running log-sum-exp (the
-    online softmax of flash attention) and its share of the gradient, `softmax @ W`, is taken while the chunk is
-    still in cache: the gradient is ready at the end of the forward, and the backward only scales it. The weight
-    gets no gradient (a frozen head); `want_grad` False (validation, no grad) skips the gradient's products.
-    Numbers are those of `cross_entropy(rows @ weight.T, labels, "sum")` (logits in the rows' dtype, softmax in
-    fp32) up to float rounding.
+    cached deep step in fp32 on 2 AVX2 cores). Here each chunk's share of the gradient, `softmax @ W`, is taken
+    while the chunk is still in cache, and the chunks are joined by their log-sum-exps (as flash attention joins
+    blocks of keys): packed for oneDNN (`_packed_chunks`) or, without oneDNN, batched products of plain
+    chunks folded into a running log-sum-exp (`_plain_chunks`).
     """
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, head: nn.Linear, labels: torch.Tensor,  # noqa: ANN001
                 want_grad: bool) -> torch.Tensor:
         weight = head.weight.detach()
-        n, vocab = rows.shape[0], weight.shape[0]
-        running_max = torch.full((n, 1), float("-inf"), device=rows.device)
-        total = torch.zeros(n, 1, device=rows.device)  # sum of exp(logit - running_max)
-        grad = torch.zeros(n, rows.shape[1], device=rows.device) if want_grad else None  # sum of exp(...) * w_v
-        # packed: one chunk at a time; unpacked: G chunks at a time, one batched product each way, every thread
-        # taking chunks of its own (a thin [N, C] product split across threads is slower: see HEAD_CHUNK)
-        packed = _packed_head(head)
-        size, group = ((PACKED_HEAD_CHUNK, 1) if packed is not None
-                       else (HEAD_CHUNK, max(HEAD_GROUP, torch.get_num_threads())))
-        step = group * size
-        for index, start in enumerate(range(0, vocab, step)):
-            chunk = weight[start: start + step]
-            if chunk.shape[0] == step:
-                chunk = chunk.view(group, size, -1)  # [G, C, d]
-            else:  # the vocabulary's last, partial group: one chunk
-                chunk = chunk.unsqueeze(0)  # [1, C', d]
-            if packed is not None:
-                logits = packing.product(rows, packed[index][0]).unsqueeze(0)
-            else:
-                logits = torch.bmm(rows.expand(chunk.shape[0], -1, -1), chunk.transpose(1, 2))  # [G, N, C]
-            logits = logits.float()  # rounded as the head's logits are
-            new_max = torch.maximum(running_max, logits.amax(dim=(0, 2))[:, None])
-            rescale = torch.exp(running_max - new_max)
-            probs = torch.exp(logits - new_max)
-            total = total * rescale + probs.sum(dim=(0, 2))[:, None]
-            if want_grad:
-                probs = probs.to(chunk.dtype)
-                share = (packing.product(probs[0], packed[index][1]) if packed is not None
-                         else torch.bmm(probs, chunk).sum(dim=0, dtype=torch.float32))  # [N, d]
-                grad = grad * rescale + share.float()
-            running_max = new_max
+        if rows.shape[0] == 0:  # no answer rows: nothing to score
+            lse, mixed = rows.new_zeros(0, dtype=torch.float32), rows.new_zeros(rows.shape, dtype=torch.float32)
+        else:
+            packed = _packed_head(head)
+            lse, mixed = (_packed_chunks(rows, packed, want_grad) if packed is not None
+                          else _plain_chunks(rows, weight, want_grad))
         target = weight[labels]  # [N, d]
         target_logits = (rows.float() * target.float()).sum(dim=1).to(rows.dtype).float()  # [N], rounded as logits are
-        loss = (running_max.squeeze(1) + torch.log(total.squeeze(1)) - target_logits).sum()
+        loss = (lse - target_logits).sum()
         if want_grad:
-            ctx.save_for_backward((grad / total - target.float()).to(rows.dtype))
+            ctx.save_for_backward((mixed - target.float()).to(rows.dtype))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor) -> tuple:  # noqa: ANN001
         (grad_rows,) = ctx.saved_tensors
         return grad_rows * grad_loss.to(grad_rows.dtype), None, None, None
+
+
+def _packed_chunks(rows: torch.Tensor, packed: list[tuple[torch.Tensor, torch.Tensor]],
+                   want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The logits' log-sum-exp [N] and `softmax(logits) @ W` [N, d] (fp32; None without `want_grad`) over the packed
+    chunks of `_packed_head`: each chunk's softmax in one fused op, its share of the product, then the chunks
+    weighted by their share of the total."""
+    lses, shares = [], []
+    for forward, transposed in packed:
+        logits = packing.product(rows, forward)  # [N, C] in the rows' dtype, rounded as the head's logits are
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        # the chunk's log-sum-exp: its top logit's probability is 1 / sum(exp(logit - top)), at least 1 / C
+        lses.append(logits.amax(dim=1, keepdim=True).float() - probs.amax(dim=1, keepdim=True).log())
+        if want_grad:
+            shares.append(packing.product(probs.to(rows.dtype), transposed))  # [N, d]
+    chunk_lse = torch.cat(lses, dim=1)  # [N, chunks]
+    lse = torch.logsumexp(chunk_lse, dim=1)
+    if not want_grad:
+        return lse, None
+    weights = torch.exp(chunk_lse - lse[:, None])  # [N, chunks], each chunk's share of the softmax
+    mixed = weights[:, :1] * shares[0].float()
+    for index in range(1, len(shares)):
+        mixed = mixed + weights[:, index: index + 1] * shares[index].float()
+    return lse, mixed
+
+
+def _plain_chunks(rows: torch.Tensor, weight: torch.Tensor,
+                  want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_packed_chunks` without oneDNN: `HEAD_GROUP` chunks of `HEAD_CHUNK` rows at a time, one batched product
+    each way, every thread taking chunks of its own (a thin [N, C] product split across threads is slower), folded
+    into a running log-sum-exp."""
+    n, vocab = rows.shape[0], weight.shape[0]
+    running_max = torch.full((n, 1), float("-inf"), device=rows.device)
+    total = torch.zeros(n, 1, device=rows.device)  # sum of exp(logit - running_max)
+    mixed = torch.zeros(n, rows.shape[1], device=rows.device) if want_grad else None  # sum of exp(...) * w_v
+    size, group = HEAD_CHUNK, max(HEAD_GROUP, torch.get_num_threads())
+    step = group * size
+    for start in range(0, vocab, step):
+        chunk = weight[start: start + step]
+        if chunk.shape[0] == step:
+            chunk = chunk.view(group, size, -1)  # [G, C, d]
+        else:  # the vocabulary's last, partial group: one chunk
+            chunk = chunk.unsqueeze(0)  # [1, C', d]
+        logits = torch.bmm(rows.expand(chunk.shape[0], -1, -1), chunk.transpose(1, 2))  # [G, N, C]
+        logits = logits.float()  # rounded as the head's logits are
+        new_max = torch.maximum(running_max, logits.amax(dim=(0, 2))[:, None])
+        rescale = torch.exp(running_max - new_max)
+        probs = torch.exp(logits - new_max)
+        total = total * rescale + probs.sum(dim=(0, 2))[:, None]
+        if want_grad:
+            share = torch.bmm(probs.to(chunk.dtype), chunk).sum(dim=0, dtype=torch.float32)  # [N, d]
+            mixed = mixed * rescale + share
+        running_max = new_max
+    lse = running_max.squeeze(1) + torch.log(total.squeeze(1))
+    return lse, (mixed / total if want_grad else None)
 
 
 def hooked_answer_loss(model: nn.Module, prompt: PromptModule | None, batch: Batch,
