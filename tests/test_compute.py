@@ -12,7 +12,8 @@ import torch
 import core.paths
 from core import compute as policy
 from core.tuning import TrainConfig, build_prompt, collate, encode_examples, train
-from core.tuning.cached import ResidualCache
+from core.tuning.blocks import residual_before
+from core.tuning.cached import ResidualCache, residual_stream
 from core.tuning.loss import answer_loss, common_token_prefix
 
 
@@ -92,6 +93,29 @@ def test_cached_residual_loss_equals_the_full_forward(tiny_lm, tmp_path, monkeyp
     for name, param in prompt.named_tensors().items():
         assert param.grad.abs().sum() > 0
         torch.testing.assert_close(param.grad, full_grads[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("stop", [1, 3])
+def test_cache_fill_through_the_block_loop_equals_the_models_forward(tiny_lm, stop):
+    """The cache's fill runs blocks 0..stop-1 as the training loop does (the rows' common tokens once, nothing after
+    a row's kept positions): at every kept position of rows of different lengths it gives the residual stream the
+    model's own forward gives there, and zeros after."""
+    model = copy.deepcopy(tiny_lm.model)
+    with torch.no_grad():  # sharper attention than the random init's, so a wrong position or mask shows
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    items = encode_examples(tiny_lm.tokenizer, _math(2) + _math(1, offset=12))  # "12 plus 5": longer
+    batch = collate(items, tiny_lm.tokenizer.pad_token_id)
+    assert common_token_prefix(batch) > 0 and len({len(x.ids) for x in items}) > 1
+    kept = [len(x.ids) - 1 for x in items]
+    loop = residual_before(model, batch.input_ids, kept, stop)
+    forward = residual_stream(model, batch.input_ids, stop)
+    for row, n in enumerate(kept):
+        torch.testing.assert_close(loop[row, :n], forward[row, :n], rtol=1e-5, atol=1e-5)
+        assert not loop[row, n:].any()
+    with pytest.raises(ValueError, match="stop block"):
+        residual_before(model, batch.input_ids, kept, tiny_lm.num_layers)
 
 
 def test_deep_without_soft_trains_from_the_cache_and_matches_the_uncached_run(tiny_lm, tmp_path, monkeypatch):

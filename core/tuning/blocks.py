@@ -426,9 +426,34 @@ def _read_positions(rows: torch.Tensor, cols: torch.Tensor, batch: int) -> tuple
     return torch.where(pad, last, read_at), slot
 
 
+@torch.no_grad()
+def residual_before(model: nn.Module, input_ids: torch.Tensor, kept: list[int], stop: int) -> torch.Tensor:
+    """The residual stream entering block `stop` (>= 1), [B, T, d], at the first `kept` positions of each row of
+    the right-padded `input_ids` [B, T] (later positions are zeros): blocks 0..stop-1 run as the training loop
+    runs them (`answer_rows`, no prompt: the tokens every row begins with go through once, and nothing after a
+    row's kept positions), so a cached deep-prompt fill costs what the uncached step's blocks below `stop` cost.
+    The model's own forward's numbers up to float rounding."""
+    batch, length = input_ids.shape
+    device = input_ids.device
+    differs = (input_ids != input_ids[:1]).any(dim=0)  # [T]
+    common = int(differs.nonzero()[0]) if bool(differs.any()) else length
+    common = max(0, min(common, min(kept) - 1)) if batch > 1 else 0  # every row keeps a token of its own
+    embeds = model.model.embed_tokens(input_ids)  # [B, T, d]
+    counts = torch.tensor(kept, device=device) - common
+    rows = torch.repeat_interleave(torch.arange(batch, device=device), counts)  # every kept position is "read"
+    cols = torch.cat([torch.arange(int(n), device=device) for n in counts])
+    prefix = embeds[0, :common] if common else None
+    h = answer_rows(model, embeds[:, common:], 0, prefix, {}, rows, cols, stop=stop)  # [common + P, d]
+    out = torch.zeros_like(embeds)
+    out[:, :common] = h[:common]
+    out[rows, cols + common] = h[common:]
+    return out
+
+
 def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torch.Tensor | None,
                 deep: dict[int, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor,
-                first: TokenAttention | None = None, first_prefix: TokenAttention | None = None) -> torch.Tensor:
+                first: TokenAttention | None = None, first_prefix: TokenAttention | None = None,
+                stop: int | None = None) -> torch.Tensor:
     """Final-normed hidden states [N, d] at token positions (rows, cols) after blocks `start..L-1`.
 
     hidden: [B, T, d] the tokens' residual stream entering block `start` (the embeddings when 0), right-padded.
@@ -438,12 +463,16 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
     cols: token columns (0..T-1) whose hidden state is read, grouped by row as `collate` makes them.
     first, first_prefix: block `start`'s `TokenAttention` for `hidden` [B, T, ...] and `prefix` [S, ...] (a cached
         stream with no soft prompt): that block then multiplies only its deep keys (`_attend_merged`).
+    stop: a block after `start` (at most L-1): return instead the stacked rows entering it, [S + P, d] (the prefix
+        rows, then each row's tokens up to its last read, row after row; see `residual_before`).
     """
     decoder = model.model
     layers = decoder.layers
     last = len(layers) - 1
     if not 0 <= start <= last:
         raise ValueError(f"start block {start} is outside the model's blocks 0..{last}")
+    if stop is not None and not start < stop <= last:
+        raise ValueError(f"stop block {stop} must be after the start block {start} and at most {last}")
     outside = sorted(i for i in deep if not start <= i <= last)
     if outside:
         raise ValueError(f"deep vectors at blocks {outside} are outside blocks {start}..{last}, the ones this pass "
@@ -461,6 +490,8 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
         first = first.rows(layout.source) if first_prefix is None else first_prefix.cat(first.rows(layout.source))
     rotary: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # deep count -> cos, sin [n + S + P, 1, dh]
     for index in range(start, last + 1):
+        if index == stop:
+            return h
         layer = layers[index]
         attn = layer.self_attn
         qkv, gate_up = fuse_projections(layer)
