@@ -34,8 +34,14 @@ left, right = st.columns(2)
 with left:
     method = st.radio("Method", ["soft", "deep"], horizontal=True, key="train_method",
                       help="soft: vectors before the input embeddings; deep: also before the input of chosen layers")
-    use_sent = sent is not None and st.toggle(f"Start from the Prior-lab sample ({sent['describe']})", value=True,
-                                              key="train_use_sent")
+    soft = method == "soft" or st.toggle(
+        "Deep: train the token-level soft prompt too (the paper's method)", value=True, key="train_deep_soft",
+        help="Off: deep vectors only. Nothing trained then enters below the first prompted layer, so that layer's "
+             "input is computed once per example and cached, and each step runs only the prompted layers "
+             "(about 4.5-6x faster per step for the last 3 of 30 layers; the same loss as the full forward).")
+    # the sample is token-level vectors: it seeds the soft prompt, so it needs one
+    use_sent = sent is not None and soft and st.toggle(f"Start from the Prior-lab sample ({sent['describe']})",
+                                                       value=True, key="train_use_sent")
     prior = st.selectbox("Prior", PRIOR_NAMES, key="train_prior", disabled=use_sent,
                          help="Initial distribution of the prompt vectors (the Prior lab shows its options).")
     params_text = st.text_input("Prior options (JSON)", "{}", key="train_prior_params", disabled=use_sent,
@@ -67,7 +73,7 @@ if st.button("Start training", type="primary", key="train_start"):
             prior_params=params, lr=float(lr), steps=int(steps),
             plateau_patience=DEFAULTS.plateau_patience if plateau else 0,
             batch_size=int(batch), eval_n=int(eval_n), seed=int(seed), layers=layers if method == "deep" else [],
-            n_tokens=int(init.shape[0]) if init is not None else 20)
+            soft=soft, n_tokens=int(init.shape[0]) if init is not None else 20)
     except (ValueError, json.JSONDecodeError) as exc:
         st.error(f"Cannot start: {exc}")
         st.stop()
@@ -130,7 +136,7 @@ if st.button("Start sweep", key="sweep_start", disabled=not sweep_priors):
     options = {"model": lm.name, "precision": lm.precision, "method": method, "dataset": dataset, "lr": float(lr),
                "steps": int(steps), "batch-size": int(batch), "eval-n": int(eval_n),
                "plateau-patience": DEFAULTS.plateau_patience if plateau else 0,
-               **({"layers": layers} if method == "deep" else {})}
+               **({"layers": layers, "no-soft": not soft} if method == "deep" else {})}
     spec, trials = plan_trials(options, {"prior": sweep_priors, "seed": list(range(int(n_seeds)))})
     out = reserve_run_dir(f"sweep-{method}-{dataset}")
     st.session_state[SWEEP_KEY] = jobs.start_sweep_job(lm, out, trials, spec)
