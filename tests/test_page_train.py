@@ -43,11 +43,10 @@ def test_page_offers_the_prior_lab_sample():
     assert any("Prior-lab sample" in t.label for t in at.toggle)
 
 
-@pytest.mark.integration
-def test_page_trains_in_background_and_shows_results(tmp_path):
+def _train_two_steps(at: AppTest):  # noqa: ANN202 - a core.jobs job
+    """Start a two-step run from the page's settings and wait for it: the finished job."""
     from core import jobs
 
-    at = AppTest.from_file(PAGE, default_timeout=120).run()
     at.number_input(key="train_steps").set_value(2)
     at.number_input(key="train_batch").set_value(2)
     at.number_input(key="train_eval_n").set_value(0)
@@ -58,6 +57,13 @@ def test_page_trains_in_background_and_shows_results(tmp_path):
     while not job.finished and time.time() < deadline:
         time.sleep(1)
     assert job.snapshot()["state"] == "done", job.snapshot()
+    return job
+
+
+@pytest.mark.integration
+def test_page_trains_in_background_and_shows_results(tmp_path):
+    at = AppTest.from_file(PAGE, default_timeout=120).run()
+    _train_two_steps(at)
     at.run()
     assert not at.exception
     assert any("Validation loss" in s.value for s in at.success)
@@ -72,8 +78,6 @@ def test_page_trains_deep_vectors_alone_from_cached_activations():
 
     from safetensors.torch import load_file
 
-    from core import jobs
-
     at = AppTest.from_file(PAGE, default_timeout=120)
     at.session_state["prior_sample"] = {"tensor": torch.zeros(20, 576), "prior": {"name": "gaussian", "dim": 576,
                                         "sigma": 0.02, "seed": 0}, "describe": "N(0, 0.02²)"}
@@ -81,16 +85,7 @@ def test_page_trains_deep_vectors_alone_from_cached_activations():
     at.radio(key="train_method").set_value("deep").run()
     at.toggle(key="train_deep_soft").set_value(False).run()
     assert not any("Prior-lab sample" in t.label for t in at.toggle)
-    at.number_input(key="train_steps").set_value(2)
-    at.number_input(key="train_batch").set_value(2)
-    at.number_input(key="train_eval_n").set_value(0)
-    at.button(key="train_start").click().run()
-    assert not at.exception
-    job = jobs.get_job(at.session_state["train_job"])
-    deadline = time.time() + 240
-    while not job.finished and time.time() < deadline:
-        time.sleep(1)
-    assert job.snapshot()["state"] == "done", job.snapshot()
+    job = _train_two_steps(at)
     config = json.loads((job.out_dir / "run.json").read_text())["config"]
     assert config["soft"] is False and config["cached_from_layer"] == 27
     assert set(load_file(job.out_dir / "prompt.safetensors")) == {"deep.27", "deep.28", "deep.29"}
