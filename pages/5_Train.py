@@ -136,7 +136,7 @@ if st.button("Start sweep", key="sweep_start", disabled=not sweep_priors):
     options = {"model": lm.name, "precision": lm.precision, "method": method, "dataset": dataset, "lr": float(lr),
                "steps": int(steps), "batch-size": int(batch), "eval-n": int(eval_n),
                "plateau-patience": DEFAULTS.plateau_patience if plateau else 0,
-               **({"layers": layers, "no-soft": not soft} if method == "deep" else {})}
+               **({"layers": layers, "soft": soft} if method == "deep" else {})}
     spec, trials = plan_trials(options, {"prior": sweep_priors, "seed": list(range(int(n_seeds)))})
     out = reserve_run_dir(f"sweep-{method}-{dataset}")
     st.session_state[SWEEP_KEY] = jobs.start_sweep_job(lm, out, trials, spec)

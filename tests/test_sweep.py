@@ -45,8 +45,24 @@ def test_grid_expands_to_named_trials_and_refuses_bad_options():
         _trials({"dataset": ["c5"]})
     with pytest.raises(ValueError, match="--seed value 'x' is not valid"):
         _trials({"seed": ["x"]})
+    deep = _trials({"layers": ["2 3", "3"]}, "--method", "deep", "--no-soft")  # a list option, gridded
+    assert [t.name for t in deep] == ["deep-math-gaussian-s0-layers2.3", "deep-math-gaussian-s0-layers3"]
+    assert [t.config["layers"] for t in deep] == [[2, 3], [3]] and not deep[0].config["soft"]
+    with pytest.raises(ValueError, match="--layers value .* is not valid"):
+        _trials({"layers": ["2 x"]}, "--method", "deep")
     bad = _trials({"lr": ["1e-3", "nan"]})
     assert bad[0].config is not None and bad[1].config is None and "lr must be a positive number" in bad[1].error
+
+
+def test_a_page_sweep_of_deep_prompts_keeps_its_layers_and_soft_choice():
+    """The Train page passes its settings as options: a list of layers and the soft-prompt switch by field name."""
+    from core.sweep import plan_trials
+
+    options = {"model": TINY_MODEL, "method": "deep", "dataset": "math", "layers": [1, 3], "soft": False}
+    spec, trials = plan_trials(options, {"prior": ["gaussian", "xavier"], "seed": [0]})
+    assert [t.config["layers"] for t in trials] == [[1, 3], [1, 3]]
+    assert [t.config["soft"] for t in trials] == [False, False]
+    assert spec.options["layers"] == [1, 3]
 
 
 def test_local_sweep_contains_failures_and_resumes(tiny_lm, tmp_path):

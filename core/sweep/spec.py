@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-NOT_GRIDDABLE = ("out", "resume", "layers")
+NOT_GRIDDABLE = ("out", "resume")
 
 
 @dataclass
@@ -163,6 +163,15 @@ def apply_option(parser: argparse.ArgumentParser, ns: argparse.Namespace, key: s
             return
         setattr(ns, action.dest, action.const if on else action.default)
         return
+    if action.nargs in ("*", "+"):  # a list option (--layers 27 28 29): a list, or a string of space-separated words
+        words = value.split() if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+        try:
+            value = [action.type(w) if action.type is not None and isinstance(w, str) else w for w in words]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"--{key} value {value!r} is not valid ({exc}): give its values as a list, or "
+                             f"separated by spaces") from None
+        setattr(ns, action.dest, value)
+        return
     if isinstance(value, str) and action.type is not None:
         try:
             value = action.type(value)
@@ -174,6 +183,10 @@ def apply_option(parser: argparse.ArgumentParser, ns: argparse.Namespace, key: s
 
 
 def _short(value: object) -> str:
+    if isinstance(value, (list, tuple)):  # --layers 27 28 29 -> 27.28.29
+        return ".".join(_short(v) for v in value)
+    if isinstance(value, str) and len(value.split()) > 1:  # the same list as a grid's string "27 28 29"
+        return ".".join(_short(v) for v in value.split())
     text = str(value)
     if isinstance(value, float) and math.isfinite(value):
         text = f"{value:g}"
