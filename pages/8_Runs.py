@@ -86,9 +86,9 @@ else:
     members = groups[st.selectbox("Sweep", list(groups), key="runs_sweep")]
     summary = sw.sweep_summary(sw.with_status(run_table(lm.fingerprint, cache_key(members), target), members))
     measure = st.selectbox("Measure", list(summary["measure"].unique()), key="runs_sweep_measure")
-    shown = summary[summary["measure"] == measure].assign(group=lambda d: d["method"] + " / " + d["dataset"])
+    shown = summary[summary["measure"] == measure].assign(group=sw.group_label)
     base = alt.Chart(shown).encode(x=alt.X("prior:N", title="prior"), xOffset="group:N",
-                                   color=alt.Color("group:N", title="method / dataset"))
+                                   color=alt.Color("group:N", title="setting"))
     tips = ["prior", "group", "n", "failed", alt.Tooltip("mean:Q", format=".4f"), "ci"]
     st.altair_chart((base.mark_errorbar(ticks=True).encode(
         y=alt.Y("ci_low:Q", title=measure.replace("_", " "), scale=alt.Scale(zero=False)), y2="ci_high:Q",

@@ -65,6 +65,29 @@ def test_a_page_sweep_of_deep_prompts_keeps_its_layers_and_soft_choice():
     assert spec.options["layers"] == [1, 3]
 
 
+def test_summary_keeps_trials_of_different_grid_settings_apart(tmp_path):
+    """A sweep that grids a setting other than prior and seed (layers, a prior parameter) summarises each setting
+    on its own, in the CLI's trial table and on the Runs page (its grid values read from the sweep's record)."""
+    from types import SimpleNamespace
+
+    from core.analysis.sweeps import group_label, sweep_summary, with_status
+
+    table = pd.DataFrame({"method": "deep", "dataset": "math", "prior": "gaussian", "seed": [0, 1, 0, 1],
+                          "grid.layers": ["2 3", "2 3", "3", "3"], "grid.seed": [0, 1, 0, 1],
+                          "status": "done", "final_val_loss": [1.0, 1.2, 2.0, 2.2]})
+    summary = sweep_summary(table, measures=("final_val_loss",)).set_index("grid.layers")
+    assert summary.loc["2 3", "n"] == 2 and summary.loc["2 3", "mean"] == pytest.approx(1.1)
+    assert summary.loc["3", "mean"] == pytest.approx(2.1)
+    assert sorted(group_label(summary.reset_index())) == ["deep / math / layers 2 3", "deep / math / layers 3"]
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    (folder / "sweep.json").write_text(json.dumps({"trials": [
+        {"name": "a", "overrides": {"layers": [2, 3], "seed": 0}}, {"name": "b", "overrides": {"layers": "3"}}]}))
+    entries = [SimpleNamespace(info=SimpleNamespace(name=n, status="done"), path=folder / n) for n in ("a", "b")]
+    runs = with_status(pd.DataFrame({"run": ["a", "b"], "method": "deep", "dataset": "math", "prior": "x"}), entries)
+    assert list(runs["grid.layers"]) == ["2 3", "3"] and list(runs["status"]) == ["done", "done"]
+
+
 def test_local_sweep_contains_failures_and_resumes(tiny_lm, tmp_path):
     out = tmp_path / "sweep"
     # lr=nan: an invalid config; sigma=1e39: the prior raises (its samples overflow); a NaN clip: the loss diverges

@@ -76,8 +76,7 @@ def sweep_table(path: str | Path, lm=None, target_loss: float | str | None = "au
     trials = pd.DataFrame([{"trial": t["name"], "status": t.get("status", "pending"),
                             "error": (t.get("error") or "").splitlines()[0] if t.get("error") else "",
                             "seconds": t.get("seconds"), "model": (t.get("model") or {}).get("name"),
-                            **{f"grid.{k}": v for k, v in (t.get("overrides") or {}).items()
-                               if not isinstance(v, dict)},
+                            **grid_values(t),
                             **{k: (t.get("config") or t.get("options") or {}).get(k)
                                for k in ("method", "dataset", "prior", "seed", "lr")}}
                            for t in record.get("trials", [])])
@@ -86,6 +85,13 @@ def sweep_table(path: str | Path, lm=None, target_loss: float | str | None = "au
     runs = runs.rename(columns={"run": "trial"}).drop(columns=["method", "dataset", "prior", "seed", "lr"],
                                                       errors="ignore")
     return trials.merge(runs, on="trial", how="left")
+
+
+def grid_values(trial: dict) -> dict:
+    """A sweep trial's grid values as table columns {"grid.KEY": value}: a list (layers) as its space-separated
+    words, so that it can key a group; a dict-valued override (prior-param as one object) is left out."""
+    return {f"grid.{k}": " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+            for k, v in (trial.get("overrides") or {}).items() if not isinstance(v, dict)}
 
 
 def _interval(values: np.ndarray) -> tuple[float, float, float, float]:
@@ -105,10 +111,28 @@ def _interval(values: np.ndarray) -> tuple[float, float, float, float]:
     return mean, sd, float(low), float(high)
 
 
+# Grid keys that do not make a different setting: the seed, and what only bounds or reports a run (a budget raised
+# for the trials that had not converged yet, how often it validates or evaluates, where it runs).
+NOT_A_SETTING = ("seed", "steps", "eval_n", "n_val", "val_every", "snapshot_every", "keep", "force", "threads",
+                 "device", "max_new_tokens")
+
+
 def group_columns(table: pd.DataFrame) -> list[str]:
-    """prior x method x dataset, plus any other setting the sweep varies (lr, model): never the seed."""
+    """prior x method x dataset, plus any other setting the sweep varies: lr and model, and any other grid key (a
+    prior parameter, layers, the soft prompt) that differs within a prior x method x dataset group, whose trials
+    are then different settings. Never the seed or a step budget (`NOT_A_SETTING`)."""
+    base = [c for c in GROUP if c in table]
     extra = [c for c in ("lr", "model") if c in table and table[c].nunique(dropna=True) > 1]
-    return [c for c in GROUP if c in table] + extra
+    named = (*GROUP, "lr", "model", *NOT_A_SETTING)  # grid keys with a column of their own, or no setting
+    for column in table.columns:
+        key = str(column).removeprefix("grid.").replace("-", "_")
+        if not str(column).startswith("grid.") or key in named:
+            continue
+        values = table[column].astype(str)  # NaN (a trial without that override) counts as a value of its own
+        if (values.groupby([table[c] for c in base], dropna=False).nunique() > 1).any() if base else \
+                values.nunique() > 1:
+            extra.append(column)
+    return base + extra
 
 
 def sweep_summary(table: pd.DataFrame, measures: tuple[str, ...] = MEASURES,
@@ -168,8 +192,30 @@ def sweep_groups(entries: list[rc.RunEntry]) -> dict[str, list[rc.RunEntry]]:
     return out
 
 
+def group_label(summary: pd.DataFrame) -> pd.Series:
+    """Each summary row's setting apart from its prior, for a chart's legend: "method / dataset", then any other
+    group column ("/ layers 27 28 29", "/ lr 0.01")."""
+    extra = [c for c in group_columns(summary) if c not in GROUP]
+    label = summary["method"].astype(str) + " / " + summary["dataset"].astype(str)
+    for column in extra:
+        label = label + f" / {str(column).removeprefix('grid.')} " + summary[column].astype(str)
+    return label
+
+
 def with_status(table: pd.DataFrame, entries: list[rc.RunEntry]) -> pd.DataFrame:
     """The run table (`runs_table` over `entries`, same order) with each run's status, as `sweep_summary` wants:
     only "done" runs enter the means; diverged or failed ones are counted apart."""
     status = {e.info.name: ("done" if e.info.status == "done" else "failed") for e in entries}
-    return table.assign(status=[status.get(r, "failed") for r in table["run"]])
+    table = table.assign(status=[status.get(r, "failed") for r in table["run"]])
+    # each run's grid values from its sweep's record, so runs of different settings are not one group
+    grid: dict[str, dict] = {}
+    for folder in {Path(e.path).parent for e in entries}:
+        try:
+            trials = read_sweep(folder).get("trials", [])
+        except (OSError, ValueError):
+            continue
+        grid.update({t["name"]: grid_values(t) for t in trials if "name" in t})
+    rows = [grid.get(r, {}) for r in table["run"]]
+    for column in sorted({c for row in rows for c in row}):
+        table[column] = [row.get(column) for row in rows]
+    return table
