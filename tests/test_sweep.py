@@ -70,7 +70,7 @@ def test_summary_keeps_trials_of_different_grid_settings_apart(tmp_path):
     on its own, in the CLI's trial table and on the Runs page (its grid values read from the sweep's record)."""
     from types import SimpleNamespace
 
-    from core.analysis.sweeps import group_label, sweep_summary, with_status
+    from core.analysis.sweeps import format_summary, group_label, sweep_summary, with_status
 
     table = pd.DataFrame({"method": "deep", "dataset": "math", "prior": "gaussian", "seed": [0, 1, 0, 1],
                           "grid.layers": ["2 3", "2 3", "3", "3"], "grid.seed": [0, 1, 0, 1],
@@ -79,6 +79,8 @@ def test_summary_keeps_trials_of_different_grid_settings_apart(tmp_path):
     assert summary.loc["2 3", "n"] == 2 and summary.loc["2 3", "mean"] == pytest.approx(1.1)
     assert summary.loc["3", "mean"] == pytest.approx(2.1)
     assert sorted(group_label(summary.reset_index())) == ["deep / math / layers 2 3", "deep / math / layers 3"]
+    mixed = pd.concat([table, table.head(1).assign(method="soft", **{"grid.layers": np.nan})], ignore_index=True)
+    assert len(format_summary(sweep_summary(mixed, measures=("final_val_loss",)))) == 3
     folder = tmp_path / "sweep"
     folder.mkdir()
     (folder / "sweep.json").write_text(json.dumps({"trials": [

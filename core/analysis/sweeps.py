@@ -168,6 +168,7 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     if summary.empty:
         return pd.DataFrame({"note": ["no done trials yet"]})
     by = [c for c in summary.columns if c not in ("measure", "n", "failed", "mean", "sd", "ci_low", "ci_high", "ci")]
+    summary = summary.assign(**{c: summary[c].astype(object).fillna("-") for c in by})  # a trial without that key
 
     def cell(r: pd.Series) -> str:
         if math.isnan(r["mean"]):
