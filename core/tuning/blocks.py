@@ -426,6 +426,16 @@ def _read_positions(rows: torch.Tensor, cols: torch.Tensor, batch: int) -> tuple
     return torch.where(pad, last, read_at), slot
 
 
+def shared_leading_tokens(input_ids: torch.Tensor, limit: int) -> int:
+    """How many leading tokens every row of `input_ids` [B, T] has in common, at most `limit` (at least 0); 0 for a
+    single row. The rows the block loop runs once for the whole batch."""
+    if input_ids.shape[0] < 2:
+        return 0
+    differs = (input_ids != input_ids[:1]).any(dim=0)  # [T]
+    length = int(differs.nonzero()[0]) if bool(differs.any()) else input_ids.shape[1]
+    return max(0, min(length, limit))
+
+
 @torch.no_grad()
 def residual_before(model: nn.Module, input_ids: torch.Tensor, kept: list[int], stop: int) -> torch.Tensor:
     """The residual stream entering block `stop` (>= 1), [B, T, d], at the first `kept` positions of each row of
@@ -433,11 +443,9 @@ def residual_before(model: nn.Module, input_ids: torch.Tensor, kept: list[int], 
     runs them (`answer_rows`, no prompt: the tokens every row begins with go through once, and nothing after a
     row's kept positions), so a cached deep-prompt fill costs what the uncached step's blocks below `stop` cost.
     The model's own forward's numbers up to float rounding."""
-    batch, length = input_ids.shape
+    batch = input_ids.shape[0]
     device = input_ids.device
-    differs = (input_ids != input_ids[:1]).any(dim=0)  # [T]
-    common = int(differs.nonzero()[0]) if bool(differs.any()) else length
-    common = max(0, min(common, min(kept) - 1)) if batch > 1 else 0  # every row keeps a token of its own
+    common = shared_leading_tokens(input_ids, min(kept) - 1)  # every row keeps a token of its own
     embeds = model.model.embed_tokens(input_ids)  # [B, T, d]
     counts = torch.tensor(kept, device=device) - common
     rows = torch.repeat_interleave(torch.arange(batch, device=device), counts)  # every kept position is "read"

@@ -92,12 +92,9 @@ def answer_loss(model: nn.Module, prompt: PromptModule | None, batch: Batch,
 def common_token_prefix(batch: Batch) -> int:
     """How many leading tokens every row of the batch has in common, up to its first read position (a row's
     first answer token is read from the column before it). 0 for a single row."""
-    ids = batch.input_ids
-    if ids.shape[0] < 2 or batch.cols.numel() == 0:
+    if batch.cols.numel() == 0:
         return 0
-    differs = (ids != ids[:1]).any(dim=0)  # [T]
-    length = int(differs.nonzero()[0]) if bool(differs.any()) else ids.shape[1]
-    return max(0, min(length, int(batch.cols.min()) - 1))
+    return blocks.shared_leading_tokens(batch.input_ids, int(batch.cols.min()) - 1)
 
 
 # Vocabulary rows per chunk of `LinearCrossEntropy` where the head is packed for oneDNN (`_packed_head`: fp32 and
