@@ -124,13 +124,13 @@ def group_columns(table: pd.DataFrame) -> list[str]:
     base = [c for c in GROUP if c in table]
     extra = [c for c in ("lr", "model") if c in table and table[c].nunique(dropna=True) > 1]
     named = (*GROUP, "lr", "model", *NOT_A_SETTING)  # grid keys with a column of their own, or no setting
+    groups = [table[c] for c in base] or [pd.Series(0, index=table.index)]  # no base columns: one group
     for column in table.columns:
         key = str(column).removeprefix("grid.").replace("-", "_")
         if not str(column).startswith("grid.") or key in named:
             continue
         values = table[column].astype(str)  # NaN (a trial without that override) counts as a value of its own
-        if (values.groupby([table[c] for c in base], dropna=False).nunique() > 1).any() if base else \
-                values.nunique() > 1:
+        if (values.groupby(groups, dropna=False).nunique() > 1).any():
             extra.append(column)
     return base + extra
 
