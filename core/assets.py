@@ -238,14 +238,18 @@ def run(args) -> int:  # noqa: ANN001 - argparse namespace
             asset = ASSETS[key]
             print(f"ok  {key:8s} {asset.package}=={asset.version}  {path}  [{asset.licence}]")
     # The GGUF's one-time conversion to safetensors (~20-30 s) belongs to set-up, not to the dashboard's first page.
-    from core.compute import decide_for
+    from core.compute import decide_for, packing_probe
     from core.models import embedded_model_dir
 
     folder = embedded_model_dir()
     # The compute probe too: measured here, on a quiet machine, and cached for every later process. Left to the
     # dashboard, it ran while pages computed and once measured bf16 at 15 GFLOP/s on a CPU that does 565.
     reason = decide_for("fp32", "cpu").reason
+    products = packing_probe()  # and whether packed fp32 weights pay here (core.tuning.packed)
     if not args.quiet:
         print(f"ok  model    converted to fp32 safetensors  {folder}")
         print(f"compute: {reason}")
+        chosen = "packed" if products["packed_gflops"] > products["plain_gflops"] else "plain"
+        print(f"fp32 products: packed {products['packed_gflops']:.3g} vs plain {products['plain_gflops']:.3g} "
+              f"GFLOP/s at {products['threads']} threads: {chosen}")
     return 0

@@ -100,6 +100,21 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def sustained_gflops(product, flops: float, seconds: float, sync=None) -> float:  # noqa: ANN001
+    """GFLOP/s of calling `product()` (`flops` each) over `seconds`, after one warm-up call."""
+    sync = sync or (lambda: None)
+    product()  # warm-up: kernel selection, caches
+    sync()
+    count, start = 0, time.perf_counter()
+    while True:
+        product()
+        count += 1
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return flops * count / elapsed / 1e9
+
+
 def matmul_gflops(dtype: torch.dtype, device: torch.device, size: int = PROBE_SIZE,
                    seconds: float = PROBE_SECONDS) -> float:
     """Sustained GFLOP/s of a [size, size] @ [size, size] product in `dtype` on `device`, over `seconds` after a
@@ -107,17 +122,8 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device, size: int = PROBE_SI
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    torch.matmul(a, b)  # warm-up: kernel selection, caches
-    sync()
-    count, start = 0, time.perf_counter()
-    while True:
-        torch.matmul(a, b)
-        count += 1
-        sync()
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return 2 * size**3 * count / elapsed / 1e9
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    return sustained_gflops(lambda: torch.matmul(a, b), 2 * size**3, seconds, sync)
 
 
 def _probe_key() -> str:
@@ -138,34 +144,79 @@ def cpu_matmul_probe(refresh: bool = False) -> dict:
 
 
 def _cpu_matmul_probe(refresh: bool) -> dict:
-    path = cache_subdir("compute") / f"cpu-probe-{_probe_key()}.json"
+    # Interleaved rounds, best of each: load from elsewhere (another process, a page computing) only ever slows a
+    # round, so the best round is the closest to this CPU's rate, and both dtypes get the same chances.
+    def measure() -> dict:
+        cpu = torch.device("cpu")
+        rates: dict[torch.dtype, float] = {torch.bfloat16: 0.0, torch.float32: 0.0}
+        for _ in range(PROBE_ROUNDS):
+            for dtype in rates:
+                rates[dtype] = max(rates[dtype], matmul_gflops(dtype, cpu, seconds=PROBE_SECONDS / PROBE_ROUNDS))
+        return {"bf16_gflops": round(rates[torch.bfloat16], 2), "fp32_gflops": round(rates[torch.float32], 2),
+                "size": PROBE_SIZE}
+
+    return _cached_probe("cpu-probe", measure, refresh)
+
+
+def _cached_probe(kind: str, measure, refresh: bool) -> dict:  # noqa: ANN001 - () -> dict
+    """`measure()` with this machine's description, kept in `.cache/compute/<kind>-<key>.json` (the key: CPU
+    model, instruction set, torch version, threads) and read back from there unless `refresh`."""
+    path = cache_subdir("compute") / f"{kind}-{_probe_key()}.json"
     if not refresh and path.exists():
         try:
             return json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             pass  # damaged: measure again
-    cpu = torch.device("cpu")
-    # Interleaved rounds, best of each: load from elsewhere (another process, a page computing) only ever slows a
-    # round, so the best round is the closest to this CPU's rate, and both dtypes get the same chances.
-    rates: dict[torch.dtype, float] = {torch.bfloat16: 0.0, torch.float32: 0.0}
-    for _ in range(PROBE_ROUNDS):
-        for dtype in rates:
-            rates[dtype] = max(rates[dtype], matmul_gflops(dtype, cpu, seconds=PROBE_SECONDS / PROBE_ROUNDS))
     result = {
-        "bf16_gflops": round(rates[torch.bfloat16], 2),
-        "fp32_gflops": round(rates[torch.float32], 2),
+        **measure(),
         "rounds": PROBE_ROUNDS,
         "cpu": cpu_model_name(),
         "capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "size": PROBE_SIZE,
         "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, path)
     return result
+
+
+# A block's product in a training step: an 8-row MATH batch's ~256 positions through SmolLM2's gate (576 -> 1536).
+PACKING_PROBE_SHAPE = (256, 576, 1536)
+
+
+def packing_probe(refresh: bool = False) -> dict:
+    """fp32 rates of a block-shaped product through oneDNN on a packed weight (core.tuning.packed) and through
+    F.linear (MKL here), {"packed_gflops", "plain_gflops", ...}; measured once per machine and thread count, cached
+    like `cpu_matmul_probe` (about 0.1 s). Which is faster depends on both: MKL runs its AVX2 code on AMD CPUs with
+    AVX512, where the packed product was ~3x faster (Zen 5); on an AVX2-only Zen 3 it was faster on 2 threads
+    (145 vs 106 GFLOP/s at 200 x 576 -> 3072) and slower on 1 (80 vs 84-88), the thread count activation
+    extraction drops to under load (core.activations.cpu_threads) and bench_activations runs at."""
+    with _PROBE_LOCK:
+        return _cached_probe("packing-probe", _packing_rates, refresh)
+
+
+def _packing_rates() -> dict:
+    import torch.nn.functional as F
+
+    from core.tuning.packed import pack, product
+
+    rows, width, out = PACKING_PROBE_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, width, generator=gen)
+    weight = torch.randn(out, width, generator=gen) * 0.02
+    packed = pack(weight)
+    products = {"plain": lambda: F.linear(x, weight)}
+    if packed is not None:
+        products["packed"] = lambda: product(x, packed)
+    rates = dict.fromkeys(("plain", "packed"), 0.0)  # 0: this torch or CPU cannot pack
+    flops = 2 * rows * width * out
+    for _ in range(PROBE_ROUNDS):  # interleaved, best of each, as the dtype probe
+        for name, run in products.items():
+            rates[name] = max(rates[name], sustained_gflops(run, flops, PROBE_SECONDS / PROBE_ROUNDS / 2))
+    return {"packed_gflops": round(rates["packed"], 2), "plain_gflops": round(rates["plain"], 2),
+            "shape": list(PACKING_PROBE_SHAPE)}
 
 
 @functools.cache

@@ -14,6 +14,13 @@ from core.tuning import packed
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 
 
+@pytest.fixture(autouse=True)
+def packing_pays(monkeypatch):
+    """These tests check the packed path's numbers, so it is taken whatever this machine's probe measured (on 1
+    thread of an AVX2 CPU the plain product is the faster one and `linear` would step aside)."""
+    monkeypatch.setattr(packed, "_pays_at", lambda threads: True)
+
+
 def _frozen_linear(dtype: torch.dtype, bias: bool) -> nn.Linear:
     gen = torch.Generator().manual_seed(0)
     layer = nn.Linear(24, 40, bias=bias).requires_grad_(False)
@@ -72,6 +79,31 @@ def test_packed_linear_steps_aside_where_packing_would_change_the_computation(mo
     fresh = _frozen_linear(torch.float32, bias=False)
     packed.module_linear(fresh, x)
     assert not packed._STORE.get(fresh)  # nothing packed for it
+
+
+def test_plain_products_where_the_probe_measured_them_faster(monkeypatch, tmp_path):
+    """Packing is decided by `core.compute.packing_probe` per machine and thread count: where F.linear measured
+    faster, `linear` and `packed_linears` multiply plainly and pack nothing (no second copy of the weights)."""
+    import core.compute
+
+    monkeypatch.setattr(core.compute, "cache_subdir", lambda name: tmp_path)
+    probe = core.compute.packing_probe(refresh=True)
+    assert probe["plain_gflops"] > 0 and probe["packed_gflops"] > 0 and probe["threads"] == torch.get_num_threads()
+    assert core.compute.packing_probe() == probe  # read back, not measured again
+    monkeypatch.undo()  # the real decision, from a probe file that says plain products are faster
+    monkeypatch.setattr(core.compute, "cache_subdir", lambda name: tmp_path)
+    monkeypatch.setattr(core.compute, "packing_probe", lambda: {"packed_gflops": 80.0, "plain_gflops": 90.0})
+    packed._pays_at.cache_clear()
+    try:
+        assert not packed.pays()
+        layer = _frozen_linear(torch.float32, bias=False)
+        x = torch.randn(4, 24)
+        torch.testing.assert_close(packed.module_linear(layer, x), F.linear(x, layer.weight))
+        assert not packed._STORE.get(layer)  # nothing packed
+        with packed.packed_linears(layer):
+            assert "forward" not in vars(layer)  # nothing swapped
+    finally:
+        packed._pays_at.cache_clear()
 
 
 def test_a_copied_model_does_not_carry_or_share_packings():

@@ -7,6 +7,11 @@ on 2 threads of an AVX512-BF16 Zen 5, [200, 576] x [576, 3072] (a MATH batch thr
 1.6 ms, bf16 0.96 -> 0.76 ms; the same fp32 product with oneDNN and MKL held to AVX2 4.6 -> 3.0 ms. The numbers are
 the plain product's up to float rounding (bit for bit in bf16 here).
 
+Whether packing pays is measured, not assumed (`core.compute.packing_probe`, once per machine and thread count):
+on 1 thread of an AVX2-only Zen 3 MKL's own fp32 product was 8-15% faster at a block's shapes, and `linear` then
+multiplies plainly. The head's thin products (core.tuning.loss) are packed regardless: there the packed ones ran
+1.4-2x faster on every CPU and thread count measured.
+
 A packing costs the weight's memory once more, and once more again for its transpose, made at the first backward
 through it (the gradient with respect to the input); both are kept with the module that owns the weight, for as long
 as it lives, and made again if the weight changes or moves. `PRIOR_LAB_PACKED_WEIGHTS=0` turns packing off.
@@ -104,15 +109,29 @@ class _PackedLinear(torch.autograd.Function):
         return product(grad, transposed), None, None
 
 
+def pays() -> bool:
+    """Is a packed fp32 product faster than F.linear on this CPU at the current thread count (measured once per
+    machine and thread count by `core.compute.packing_probe`)? False with packing off."""
+    return ENABLED and _pays_at(torch.get_num_threads())
+
+
+@functools.cache
+def _pays_at(threads: int) -> bool:  # noqa: ARG001 - the probe reads the thread count itself; this keys the cache
+    from core.compute import packing_probe
+
+    probe = packing_probe()
+    return probe["packed_gflops"] > probe["plain_gflops"]
+
+
 def linear(owner: nn.Module, name: str, x: torch.Tensor, weight: torch.Tensor,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for a frozen `weight` owned by `owner` (its packing kept there under `name`):
-    through oneDNN's packed weight on CPU in `LINEAR_DTYPES` where it can, else F.linear itself (CUDA, autocast,
-    other dtypes, a weight or bias that trains)."""
-    usable = (ENABLED and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in LINEAR_DTYPES
+    through oneDNN's packed weight on CPU in `LINEAR_DTYPES` where it can and `pays`, else F.linear itself (CUDA,
+    autocast, other dtypes, a weight or bias that trains)."""
+    usable = (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in LINEAR_DTYPES
               and x.numel() > 0
               and not weight.requires_grad and (bias is None or not bias.requires_grad)
-              and not torch.is_autocast_enabled("cpu"))
+              and not torch.is_autocast_enabled("cpu") and pays())
     entry = packed(owner, name, weight) if usable else None
     if entry is None:
         return F.linear(x, weight, bias)
@@ -134,7 +153,7 @@ def packed_linears(model: nn.Module) -> Iterator[None]:
     in autocast should not enter this). For passes that run the model as it is, such as activation extraction; the
     previous forwards are restored on exit."""
     swapped = []
-    if ENABLED:
+    if pays():
         for module in model.modules():
             if (type(module) is nn.Linear and "forward" not in vars(module) and not module.weight.requires_grad
                     and module.weight.device.type == "cpu" and module.weight.dtype in LINEAR_DTYPES):
