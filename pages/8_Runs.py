@@ -58,6 +58,11 @@ st.caption("Collapse and drift describe each run's soft prompt against the token
            "its whole budget of `steps` (or was cancelled, or diverged) and may still have been learning. "
            "drift_rel_init / drift_rel_nn_gap: the soft prompt's mean L2 drift over its initial norm and over the "
            "token nearest-neighbour gap (below 1: no vector moved as far as from one token to the next).")
+deep_only = table[(table["method"] == "deep") & table["same_model"] & table["collapsed_share"].isna()]
+if len(deep_only):
+    st.caption(f"{len(deep_only)} deep run(s) trained deep vectors alone, with no token-level soft prompt "
+               "(`--no-soft`): there is no soft prompt to compare with the token embeddings, so their collapse and "
+               "drift cells are empty. The drift of each of their deep tensors is in the expander below.")
 
 with st.expander("Drift of every prompt tensor of one run"):
     one = labels[st.selectbox("Run", chosen, key="runs_drift_run")]

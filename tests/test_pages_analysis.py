@@ -70,6 +70,25 @@ def test_pages_render_real_runs(real_runs, monkeypatch, real_lm):
     assert any("No transfer table yet" in i.value for i in at.info) or "closer prompts" in markdown
 
 
+def test_runs_page_says_why_a_deep_only_run_has_no_collapse(real_lm, tmp_path, monkeypatch):
+    """A run of deep vectors alone (`--no-soft`) has no soft prompt to measure collapse and drift on: the Runs page
+    says so rather than leaving its empty cells unexplained."""
+    from core.data import load_examples
+    from core.tuning import TrainConfig, train
+
+    data = (load_examples("math", split="train", n=4, seed=0), load_examples("math", split="validation", n=2, seed=0),
+            [])
+    config = TrainConfig(method="deep", soft=False, dataset="math", prior="gaussian", seed=0, steps=2, batch_size=2,
+                         val_every=1, snapshot_every=1, n_train=4, n_val=2, eval_n=0, max_length=64,
+                         layers=[real_lm.num_layers - 1])
+    train(real_lm, config, tmp_path / "deep-nosoft", examples=data, evaluate=False)
+    monkeypatch.setattr(rc, "ORIGINS", {"yours": tmp_path})
+    at = _run("8_Runs.py")
+    table = at.dataframe[0].value
+    assert list(table["run"]) == ["deep-nosoft"] and table["collapsed_share"].isna().all()
+    assert any("1 deep run(s) trained deep vectors alone" in c.value for c in at.caption)
+
+
 def test_pages_render_committed_artifacts(real_lm):
     store = ArtifactStore()
     usable, note = store.status(real_lm.fingerprint)
