@@ -152,13 +152,12 @@ def packed_linears(model: nn.Module) -> Iterator[None]:
     through `module_linear` (packed where it can; under autocast it falls back to F.linear, so a caller computing
     in autocast should not enter this). For passes that run the model as it is, such as activation extraction; the
     previous forwards are restored on exit."""
-    swapped = []
-    if pays():
-        for module in model.modules():
-            if (type(module) is nn.Linear and "forward" not in vars(module) and not module.weight.requires_grad
-                    and module.weight.device.type == "cpu" and module.weight.dtype in LINEAR_DTYPES):
-                module.forward = functools.partial(module_linear, module)
-                swapped.append(module)
+    frozen = [module for module in model.modules()
+              if type(module) is nn.Linear and "forward" not in vars(module) and not module.weight.requires_grad
+              and module.weight.device.type == "cpu" and module.weight.dtype in LINEAR_DTYPES]
+    swapped = frozen if frozen and pays() else []  # a model on CUDA never asks the CPU probe
+    for module in swapped:
+        module.forward = functools.partial(module_linear, module)
     try:
         yield
     finally:
