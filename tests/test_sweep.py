@@ -324,3 +324,26 @@ def test_a_raised_step_budget_keeps_converged_trials_and_trains_the_others_on(ti
     assert _histories(out)[budget_hit] == _histories(fresh)[budget_hit]
     with pytest.raises(ValueError, match="other settings"):  # a smaller budget would change the trials
         run_sweep(out, _trials(grid, "--plateau-margin", "0.99", "--steps", "1"), lm=tiny_lm, progress=False)
+
+
+def test_sweep_groups_gathers_a_sweeps_runs_reading_its_record_once(tmp_path, monkeypatch):
+    """The Runs page groups runs by sweep: members listed in the sweep's record, not a stray folder beside them or a
+    run outside any sweep, and each sweep.json read once however many runs it lists."""
+    from types import SimpleNamespace
+
+    from core.analysis import runs_compare as rc
+    from core.analysis import sweeps as sw
+    from core.sweep import record
+
+    folder = tmp_path / "priors"
+    folder.mkdir()
+    record.write_sweep(folder, {"name": "priors", "trials": [{"name": f"t{i}", "status": "done"} for i in range(3)]})
+    names = [(folder, "t0"), (folder, "t1"), (folder, "stray"), (folder, "t2"), (tmp_path, "alone")]
+    entries = [rc.RunEntry(SimpleNamespace(path=parent / name, name=name), "yours") for parent, name in names]
+    reads = []
+    real = record.read_sweep
+    monkeypatch.setattr(record, "read_sweep", lambda path: reads.append(path) or real(path))
+    groups = sw.sweep_groups(entries)
+    assert {label: [e.info.name for e in members] for label, members in groups.items()} == {
+        "priors [yours]": ["t0", "t1", "t2"]}
+    assert reads == [folder]

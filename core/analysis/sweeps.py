@@ -21,7 +21,7 @@ import pandas as pd
 
 from core.analysis import runs_compare as rc
 from core.runs import run_info
-from core.sweep.record import read_sweep, sweep_of_run
+from core.sweep.record import read_sweep, sweep_members, sweep_of_run
 
 GROUP = ("method", "dataset", "prior")
 QUALITY = ("final_val_loss", "eval_answer_loss", "metric_value", "steps_to_loss")
@@ -186,8 +186,12 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
 def sweep_groups(entries: list[rc.RunEntry]) -> dict[str, list[rc.RunEntry]]:
     """Run entries by the sweep they belong to, {"<sweep> [<origin>]": entries}; runs outside a sweep are left out."""
     out: dict[str, list[rc.RunEntry]] = {}
+    members: dict[Path, tuple[str, set[str]] | None] = {}  # each sweep's record read once, not once per run
     for entry in entries:
-        name = sweep_of_run(entry.path)
+        parent = Path(entry.path).parent
+        if parent not in members:
+            members[parent] = sweep_members(parent)
+        name = sweep_of_run(entry.path, members[parent]) if members[parent] is not None else None
         if name is not None:
             out.setdefault(f"{name} [{entry.origin}]", []).append(entry)
     return out

@@ -112,15 +112,25 @@ def find_sweep(name: str, roots: list[str | Path] | None = None) -> Path:
     return matches[0]
 
 
-def sweep_of_run(run_path: str | Path) -> str | None:
-    """The name of the sweep a run folder belongs to (its parent holds a sweep.json listing it), else None."""
-    run_path = Path(run_path)
-    parent = run_path.parent
-    if not is_sweep(parent):
+def sweep_members(folder: str | Path) -> tuple[str, set[str]] | None:
+    """(the sweep's name, its trials' run names) of sweep folder `folder`, or None where it holds no readable
+    sweep.json."""
+    folder = Path(folder)
+    if not is_sweep(folder):
         return None
     try:
-        record = read_sweep(parent)
+        record = read_sweep(folder)
     except (OSError, ValueError):
         return None
-    names = {t.get("name") for t in record.get("trials", [])}
-    return (record.get("name") or parent.name) if run_path.name in names else None
+    return record.get("name") or folder.name, {t.get("name") for t in record.get("trials", [])}
+
+
+def sweep_of_run(run_path: str | Path, members: tuple[str, set[str]] | None = None) -> str | None:
+    """The name of the sweep a run folder belongs to (its parent holds a sweep.json listing it), else None.
+    `members`: the parent's `sweep_members`, where the caller has read them already (many runs of one sweep)."""
+    run_path = Path(run_path)
+    members = sweep_members(run_path.parent) if members is None else members
+    if members is None:
+        return None
+    name, runs = members
+    return name if run_path.name in runs else None
