@@ -190,9 +190,9 @@ def packing_probe(refresh: bool = False) -> dict:
     """fp32 rates of a block-shaped product through oneDNN on a packed weight (core.tuning.packed) and through
     F.linear (MKL here), {"packed_gflops", "plain_gflops", ...}; measured once per machine and thread count, cached
     like `cpu_matmul_probe` (about 0.1 s). Which is faster depends on both: MKL runs its AVX2 code on AMD CPUs with
-    AVX512, where the packed product was ~3x faster (Zen 5); on an AVX2-only Zen 3 it was faster on 2 threads
-    (145 vs 106 GFLOP/s at 200 x 576 -> 3072) and slower on 1 (80 vs 84-88), the thread count activation
-    extraction drops to under load (core.activations.cpu_threads) and bench_activations runs at."""
+    AVX512, where the packed product was ~3x faster (Zen 5); on an AVX2-only Zen 3 this probe measured it faster on
+    2 threads (163 vs 150 GFLOP/s) and slower on 1 (85 vs 94), the thread count activation extraction drops to under
+    load (core.activations.cpu_threads) and bench_activations runs at."""
     with _PROBE_LOCK:
         return _cached_probe("packing-probe", _packing_rates, refresh)
 
