@@ -240,6 +240,7 @@ def run(args) -> int:  # noqa: ANN001 - argparse namespace
     # The GGUF's one-time conversion to safetensors (~20-30 s) belongs to set-up, not to the dashboard's first page.
     from core.compute import decide_for, packing_probe
     from core.models import embedded_model_dir
+    from core.tuning.packed import pays
 
     folder = embedded_model_dir()
     # The compute probe too: measured here, on a quiet machine, and cached for every later process. Left to the
@@ -249,7 +250,7 @@ def run(args) -> int:  # noqa: ANN001 - argparse namespace
     if not args.quiet:
         print(f"ok  model    converted to fp32 safetensors  {folder}")
         print(f"compute: {reason}")
-        chosen = "packed" if products["packed_gflops"] > products["plain_gflops"] else "plain"
+        chosen = "packed" if pays() else "plain"
         print(f"fp32 products: packed {products['packed_gflops']:.3g} vs plain {products['plain_gflops']:.3g} "
               f"GFLOP/s at {products['threads']} threads: {chosen}")
     return 0
