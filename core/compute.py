@@ -143,15 +143,22 @@ def cpu_matmul_probe(refresh: bool = False) -> dict:
         return _cpu_matmul_probe(refresh)
 
 
+def _best_of_rounds(rates: dict) -> dict:
+    """{key: the best of `PROBE_ROUNDS` calls of rates[key]()}, the keys taking turns within each round. Load from
+    elsewhere (another process, a page computing) only ever slows a round, so the best round is the closest to this
+    CPU's rate, and every key gets the same chances."""
+    best = dict.fromkeys(rates, 0.0)
+    for _ in range(PROBE_ROUNDS):
+        for key, rate in rates.items():
+            best[key] = max(best[key], rate())
+    return best
+
+
 def _cpu_matmul_probe(refresh: bool) -> dict:
-    # Interleaved rounds, best of each: load from elsewhere (another process, a page computing) only ever slows a
-    # round, so the best round is the closest to this CPU's rate, and both dtypes get the same chances.
     def measure() -> dict:
-        cpu = torch.device("cpu")
-        rates: dict[torch.dtype, float] = {torch.bfloat16: 0.0, torch.float32: 0.0}
-        for _ in range(PROBE_ROUNDS):
-            for dtype in rates:
-                rates[dtype] = max(rates[dtype], matmul_gflops(dtype, cpu, seconds=PROBE_SECONDS / PROBE_ROUNDS))
+        cpu, seconds = torch.device("cpu"), PROBE_SECONDS / PROBE_ROUNDS
+        rates = _best_of_rounds({dtype: (lambda dtype=dtype: matmul_gflops(dtype, cpu, seconds=seconds))
+                                 for dtype in (torch.bfloat16, torch.float32)})
         return {"bf16_gflops": round(rates[torch.bfloat16], 2), "fp32_gflops": round(rates[torch.float32], 2),
                 "size": PROBE_SIZE}
 
@@ -210,13 +217,11 @@ def _packing_rates() -> dict:
     products = {"plain": lambda: F.linear(x, weight)}
     if packed is not None:
         products["packed"] = lambda: product(x, packed)
-    rates = dict.fromkeys(("plain", "packed"), 0.0)  # 0: this torch or CPU cannot pack
-    flops = 2 * rows * width * out
-    for _ in range(PROBE_ROUNDS):  # interleaved, best of each, as the dtype probe
-        for name, run in products.items():
-            rates[name] = max(rates[name], sustained_gflops(run, flops, PROBE_SECONDS / PROBE_ROUNDS / 2))
-    return {"packed_gflops": round(rates["packed"], 2), "plain_gflops": round(rates["plain"], 2),
-            "shape": list(PACKING_PROBE_SHAPE)}
+    flops, seconds = 2 * rows * width * out, PROBE_SECONDS / PROBE_ROUNDS / 2
+    rates = _best_of_rounds({name: (lambda run=run: sustained_gflops(run, flops, seconds))
+                             for name, run in products.items()})
+    return {"packed_gflops": round(rates.get("packed", 0.0), 2),  # 0: this torch or CPU cannot pack
+            "plain_gflops": round(rates["plain"], 2), "shape": list(PACKING_PROBE_SHAPE)}
 
 
 @functools.cache
