@@ -186,12 +186,12 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
 def sweep_groups(entries: list[rc.RunEntry]) -> dict[str, list[rc.RunEntry]]:
     """Run entries by the sweep they belong to, {"<sweep> [<origin>]": entries}; runs outside a sweep are left out."""
     out: dict[str, list[rc.RunEntry]] = {}
-    members: dict[Path, tuple[str, set[str]] | None] = {}  # each sweep's record read once, not once per run
+    members: dict[Path, tuple[str, set[str]]] = {}  # each sweep's record read once, not once per run
     for entry in entries:
         parent = Path(entry.path).parent
         if parent not in members:
-            members[parent] = sweep_members(parent)
-        name = sweep_of_run(entry.path, members[parent]) if members[parent] is not None else None
+            members[parent] = sweep_members(parent) or ("", set())  # not a sweep: no run is its member
+        name = sweep_of_run(entry.path, members[parent])
         if name is not None:
             out.setdefault(f"{name} [{entry.origin}]", []).append(entry)
     return out
