@@ -47,14 +47,13 @@ def test_invalid_option_is_explained_not_raised():
     assert any("sigma must be a positive" in i.value for i in at.info)
 
 
-# Priors fitted to dataset activations at the last layer: their default 64 texts per cloud are a full forward of
-# 64-128 texts, ~35 s on 2 AVX2 Zen 1 cores; 16 texts take the same code path.
-FEW_DOCS = {"interpolation": 16, "vae": 16}
+FITTED_TO_ACTIVATIONS = ("interpolation", "vae")  # their defaults fit the last layer of 64 texts per cloud
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_every_prior_renders(name):
-    at = run_page({f"prior_lab_{name}_n_docs": FEW_DOCS[name]} if name in FEW_DOCS else None)
+def test_every_prior_renders(name, real_prior_docs):
+    docs = {f"prior_lab_{name}_n_docs": real_prior_docs} if name in FITTED_TO_ACTIVATIONS else None
+    at = run_page(docs)
     at.selectbox(key="prior_lab_name").set_value(name).run()
     assert not at.exception, at.exception
     assert not at.info, [i.value for i in at.info]
@@ -63,8 +62,8 @@ def test_every_prior_renders(name):
         rate = next(m for m in at.metric if m.label == "Acceptance rate").value
         assert rate.endswith("%")
         assert any("Widening factor c_dim = " in c.value for c in at.caption)
-    if name in FEW_DOCS:
-        assert at.number_input(key=f"prior_lab_{name}_n_docs").value == FEW_DOCS[name]
+    if docs:
+        assert at.number_input(key=f"prior_lab_{name}_n_docs").value == real_prior_docs
 
 
 def test_tsne_view_renders():
