@@ -47,13 +47,10 @@ def test_invalid_option_is_explained_not_raised():
     assert any("sigma must be a positive" in i.value for i in at.info)
 
 
-FITTED_TO_ACTIVATIONS = ("interpolation", "vae")  # their defaults fit the last layer of 64 texts per cloud
-
-
 @pytest.mark.parametrize("name", ALL)
-def test_every_prior_renders(name, real_prior_docs):
-    docs = {f"prior_lab_{name}_n_docs": real_prior_docs} if name in FITTED_TO_ACTIVATIONS else None
-    at = run_page(docs)
+def test_every_prior_renders(name, real_prior_options):
+    options = real_prior_options(name)
+    at = run_page({f"prior_lab_{name}_{key}": value for key, value in options.items()})
     at.selectbox(key="prior_lab_name").set_value(name).run()
     assert not at.exception, at.exception
     assert not at.info, [i.value for i in at.info]
@@ -62,8 +59,8 @@ def test_every_prior_renders(name, real_prior_docs):
         rate = next(m for m in at.metric if m.label == "Acceptance rate").value
         assert rate.endswith("%")
         assert any("Widening factor c_dim = " in c.value for c in at.caption)
-    if docs:
-        assert at.number_input(key=f"prior_lab_{name}_n_docs").value == real_prior_docs
+    for key, value in options.items():
+        assert at.number_input(key=f"prior_lab_{name}_{key}").value == value
 
 
 def test_tsne_view_renders():

@@ -462,16 +462,16 @@ def test_token_priors_on_the_embedded_model(real_lm):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("name", ALL)
-def test_every_prior_on_the_embedded_model(real_lm, name, real_prior_docs):
-    prior = make_prior(name, lm=real_lm, **({"n_docs": real_prior_docs} if name in ("interpolation", "vae") else {}))
+def test_every_prior_on_the_embedded_model(real_lm, name, real_prior_options):
+    prior = make_prior(name, lm=real_lm, **real_prior_options(name))
     x = prior.sample(20, gen())
     assert x.shape == (20, 576) and torch.isfinite(x).all()
     assert torch.equal(x, prior.sample(20, gen()))
 
 
 @pytest.mark.integration
-def test_interpolation_between_math_and_c4_on_the_embedded_model(real_lm, real_prior_docs):
-    prior = make_prior("interpolation", lm=real_lm, n_docs=real_prior_docs)
+def test_interpolation_between_math_and_c4_on_the_embedded_model(real_lm, real_prior_options):
+    prior = make_prior("interpolation", lm=real_lm, **real_prior_options("interpolation"))
     assert "layer 30" in prior.describe()
     pos = prior.position(prior.sample(500, gen()))
     assert float(pos.mean()) == pytest.approx(0.5, abs=0.1)
