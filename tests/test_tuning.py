@@ -286,6 +286,32 @@ def test_chunked_causal_attention_matches_sdpa_and_its_gradient_checks(monkeypat
     assert torch.autograd.gradcheck(lambda *t: blocks.CausalAttention.apply(frozen_q, *t, 0.3), (k, v))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_frozen_norm_and_gated_silu_match_the_models_ops_and_their_gradients(dtype):
+    """The block loop's RMSNorm and silu(gate) * up with backwards of their own: the forward of LlamaRMSNorm and of
+    the two ops, the same gradient (float64: gradcheck), on rows of several leading dims."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from core.tuning import blocks
+
+    gen = torch.Generator().manual_seed(0)
+    norm = LlamaRMSNorm(8, eps=1e-5).to(dtype).requires_grad_(False)
+    norm.weight.copy_(torch.rand(8, generator=gen) + 0.5)
+    x = (3 * torch.randn(2, 5, 8, generator=gen)).to(dtype).requires_grad_(True)
+    gate_up = torch.randn(2, 5, 12, generator=gen).to(dtype).requires_grad_(True)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
+    ours = blocks._norm(norm, x)
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours, norm(x), **tol)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(blocks.GatedSiLU.apply(gate_up), F.silu(gate) * up, **tol)
+    grad = torch.randn(2, 5, 8, generator=gen).to(dtype)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(norm(x), x, grad)[0], **tol)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda t: blocks.FrozenRMSNorm.apply(t, norm.weight, 1e-5), (x,))
+        assert torch.autograd.gradcheck(blocks.GatedSiLU.apply, (gate_up,))
+
+
 def test_block_loop_with_biased_projections_gives_the_models_own_loss(tiny_lm):
     """LLaMA configs may put biases on q/k/v and the MLP: stacked as the weights are, same loss and gradient."""
     import copy
