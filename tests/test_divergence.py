@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -95,6 +97,29 @@ def test_reference_knn_matches_sklearn_and_is_cached(tmp_path):
         dv._compute_reference_knn = original
     np.testing.assert_array_equal(cached["knn"], stats["knn"])
     assert any((core.paths.CACHE_DIR / "divergence").iterdir())
+
+
+def test_sampled_nearest_distances_are_the_tables_at_a_fixed_sample(monkeypatch):
+    """The token gap of a large vocabulary reads a sample of points, each against the whole cloud: the whole table's
+    nn1 at those points (the sample fixed by n and seed), and a gap from it near the whole cloud's median."""
+    import core.tuning.convergence as conv
+
+    ref = _cloud(n=3000, d=8)
+    full = dv.reference_knn(ref, k=1)["nn1"]
+    sample = dv.sampled_nn1(ref, 600, seed=3)
+    rows = np.sort(np.random.default_rng(3).choice(3000, size=600, replace=False))
+    np.testing.assert_allclose(sample, full[rows], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(dv.sampled_nn1(dv.ReferenceCloud(ref.vectors.copy(), key=ref.key), 600, seed=3),
+                                  sample)
+    assert abs(np.median(sample) / np.median(full) - 1) < 0.05
+    with pytest.raises(ValueError, match="between 1 and 3000"):
+        dv.sampled_nn1(ref, 3001)
+    lm = SimpleNamespace()
+    monkeypatch.setattr(dv, "token_reference", lambda _lm: ref)
+    monkeypatch.setattr(conv, "NN_GAP_SAMPLE", 600)
+    assert conv.token_nn_gap(lm) == pytest.approx(float(np.median(full)))  # 3000 tokens: the whole table
+    monkeypatch.setattr(conv, "NN_GAP_EXACT_MAX", 2999)
+    assert conv.token_nn_gap(lm) == pytest.approx(float(np.median(dv.sampled_nn1(ref, 600))))
 
 
 def test_duplicate_points_do_not_count_as_self_neighbours():
