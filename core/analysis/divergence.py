@@ -54,6 +54,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -167,6 +168,17 @@ def reference_knn(
     if k < 1 or k >= len(ref):
         raise ValueError(f"k must be between 1 and {len(ref) - 1} (the cloud has {len(ref)} points); got {k}")
     cache_key = _knn_key(ref, k)
+
+    def compute() -> dict:
+        hit = _artifact_knn(cache_key)
+        return _compute_reference_knn(ref.vectors, k, progress) if hit is None else hit
+
+    return _cached_stats(ref, cache_key, compute)
+
+
+def _cached_stats(ref: ReferenceCloud, cache_key: str, compute: Callable[[], Any]) -> Any:
+    """`compute()` for `ref` under `cache_key`: remembered on the cloud and kept on disk under
+    `cache_subdir("divergence")`, computed only where neither has it."""
     if cache_key in ref._stats:
         return ref._stats[cache_key]
     import diskcache
@@ -174,9 +186,7 @@ def reference_knn(
     with diskcache.Cache(str(cache_subdir("divergence")), size_limit=2**30) as cache:
         hit = cache.get(cache_key)
         if hit is None:
-            hit = _artifact_knn(cache_key)
-        if hit is None:
-            hit = _compute_reference_knn(ref.vectors, k, progress)
+            hit = compute()
         cache.set(cache_key, hit)
     ref._stats[cache_key] = hit
     return hit
@@ -266,19 +276,12 @@ def sampled_nn1(ref: ReferenceCloud, n: int, seed: int = 0) -> np.ndarray:
     of V x V. Cached on disk beside `reference_knn`'s tables."""
     if not 1 <= n <= len(ref):
         raise ValueError(f"the sample must have between 1 and {len(ref)} points (the cloud's size); got {n}")
-    rows = np.sort(np.random.default_rng(seed).choice(len(ref), size=n, replace=False))
-    cache_key = f"{_knn_key(ref, 1)}:sample{n}:seed{seed}"
-    if cache_key in ref._stats:
-        return ref._stats[cache_key]
-    import diskcache
 
-    with diskcache.Cache(str(cache_subdir("divergence")), size_limit=2**30) as cache:
-        hit = cache.get(cache_key)
-        if hit is None:
-            hit = _compute_reference_knn(ref.vectors, 1, None, queries=rows)["nn1"]
-            cache.set(cache_key, hit)
-    ref._stats[cache_key] = hit
-    return hit
+    def compute() -> np.ndarray:
+        rows = np.sort(np.random.default_rng(seed).choice(len(ref), size=n, replace=False))
+        return _compute_reference_knn(ref.vectors, 1, None, queries=rows)["nn1"]
+
+    return _cached_stats(ref, f"{_knn_key(ref, 1)}:sample{n}:seed{seed}", compute)
 
 
 # --------------------------------------------------------------------------- per-vector measures
