@@ -303,6 +303,7 @@ def test_frozen_norm_and_gated_silu_match_the_models_ops_and_their_gradients(dty
     ours = blocks._norm(norm, x)
     assert ours.dtype == dtype
     torch.testing.assert_close(ours, norm(x), **tol)
+    torch.testing.assert_close(blocks._norm(norm, x.detach()), ours.detach(), rtol=0, atol=0)  # frozen rows: no graph
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(blocks.GatedSiLU.apply(gate_up), F.silu(gate) * up, **tol)
     grad = torch.randn(2, 5, 8, generator=gen).to(dtype)
@@ -375,6 +376,28 @@ def test_fused_projections_are_views_and_leave_the_model_unchanged():
     assert again[0][0].data_ptr() == qkv.data_ptr() and again[1][0].data_ptr() == gate_up.data_ptr()
     with torch.no_grad():
         assert torch.equal(lm.model(ids).logits, before)
+
+
+def test_remembered_block_checks_follow_a_changed_model():
+    """`supported` and `fuse_projections` are remembered per model and block, and answer again when the blocks
+    change: a cast model gets stacked weights of its new dtype (views of its own), a block with a forward of its
+    own (compiled) sends the model to its own forward, and a projection set to train is no longer stacked."""
+    from core.models import tiny_llama
+    from core.tuning.blocks import fuse_projections, supported
+
+    model = tiny_llama().model
+    layer = model.model.layers[0]
+    assert supported(model) and fuse_projections(layer)[0][0].dtype == torch.float32
+    model.to(torch.bfloat16)
+    (qkv, _), (gate_up, _) = fuse_projections(layer)
+    assert qkv.dtype == gate_up.dtype == torch.bfloat16
+    assert layer.self_attn.k_proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    layer.forward = layer.forward  # what torch.compile(layer) in place leaves
+    assert not supported(model)
+    del layer.forward
+    assert supported(model)
+    layer.mlp.up_proj.weight.requires_grad_(True)
+    assert fuse_projections(layer)[1] is None and fuse_projections(layer)[0] is not None
 
 
 @pytest.mark.parametrize("method", ["soft", "deep"])

@@ -22,6 +22,7 @@ prompt, then tokens) n.. onwards. Training pads on the right and passes no mask:
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -43,19 +44,48 @@ def llama_block(layer: nn.Module) -> bool:
             and "forward" not in vars(layer))
 
 
+# model -> (its blocks' identities and forward overrides, `supported`'s answer for them): asked every training step,
+# and the ~30 `llama_block` checks of a 30-block model took 0.9 ms of a 160 ms cached deep step (2 Zen 1 threads)
+_SUPPORTED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, bool]] = weakref.WeakKeyDictionary()
+
+
 def supported(model: nn.Module) -> bool:
     """Can `answer_rows` run this model's blocks (else the model's own forward, with the prompt's hooks)? LLaMA
     models only: other decoders with LLaMA-shaped blocks may do more in their own forward (Gemma scales the
-    embeddings and adds one to its norms' weights)."""
+    embeddings and adds one to its norms' weights). Remembered per model until a block is replaced or gets a
+    forward of its own (compiled)."""
     config = getattr(model, "config", None)
-    return (getattr(config, "model_type", None) == "llama"
-            and all(llama_block(layer) for layer in model.model.layers))
+    if getattr(config, "model_type", None) != "llama":
+        return False
+    layers = model.model.layers
+    shape = tuple((id(layer), "forward" in vars(layer)) for layer in layers)
+    known = _SUPPORTED.get(model)
+    if known is not None and known[0] == shape:
+        return known[1]
+    answer = all(llama_block(layer) for layer in layers)
+    _SUPPORTED[model] = (shape, answer)
+    return answer
 
 
 # Norms whose forward is exactly `weight * rms_norm(x in fp32).to(x.dtype)`. `_norm` computes that with a backward
 # of its own where the weight is frozen (`FrozenRMSNorm`; bf16 on 2 Zen 1 threads, forward and backward: 5280 rows
 # 25.4 -> 20.1 ms, 148 rows 1.27 -> 0.83), else as F.rms_norm's one op (11 vs 30 ms for the module, bit-identical).
 _PLAIN_RMS_NORMS = ("LlamaRMSNorm",)
+
+
+# torch's one-op RMS norm that also returns 1/rms (for the backward); absent from older torch builds
+_FUSED_RMS_NORM = getattr(torch.ops.aten, "_fused_rms_norm", None)
+
+
+def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`weight * rms_norm(x in fp32).to(x.dtype)`, rstd [..., 1] in fp32 or float64) for `weight` in x's dtype. Fp32
+    and float64 through `_fused_rms_norm`, one op with the same numbers (20 rows of 576 on 2 Zen 1 threads: 58 against
+    119 us for the three below); bf16 rounds `x * rstd` to bf16 before the weight, as the model does."""
+    if _FUSED_RMS_NORM is not None and x.dtype in (torch.float32, torch.float64):
+        return _FUSED_RMS_NORM(x, [x.shape[-1]], weight, eps)
+    x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+    rstd = torch.rsqrt(torch.linalg.vecdot(x32, x32).unsqueeze(-1) / x.shape[-1] + eps)  # [..., 1]
+    return torch.mul(x32, rstd).to(x.dtype).mul_(weight), rstd
 
 
 class FrozenRMSNorm(torch.autograd.Function):
@@ -66,25 +96,25 @@ class FrozenRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # noqa: ANN001
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 for bf16 (float64 stays, for gradcheck)
-        rstd = torch.rsqrt(torch.linalg.vecdot(x32, x32).unsqueeze(-1) / x.shape[-1] + eps)  # [..., 1]
-        out = torch.mul(x32, rstd).to(x.dtype)
+        out, rstd = _rms_forward(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return out.mul_(weight)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
         x, weight, rstd = ctx.saved_tensors
         x32 = x.to(rstd.dtype)
         grad_w = (grad * weight).to(rstd.dtype)  # rounded in x's dtype first, as the product's gradient is
-        coef = torch.linalg.vecdot(grad_w, x32).unsqueeze(-1) * rstd.pow(3) / x.shape[-1]
-        return grad_w.mul_(rstd).sub_(x32 * coef).to(x.dtype), None, None
+        coef = torch.linalg.vecdot(grad_w, x32).unsqueeze_(-1).mul_(rstd.pow(3)).div_(x.shape[-1])
+        return torch.addcmul(grad_w.mul_(rstd), x32, coef, value=-1).to(x.dtype), None, None
 
 
 def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(norm).__name__ not in _PLAIN_RMS_NORMS:
         return norm(x)
     if not norm.weight.requires_grad and norm.weight.dtype == x.dtype:
+        if not (x.requires_grad and torch.is_grad_enabled()):  # nothing to keep for a backward (frozen layers)
+            return _rms_forward(x, norm.weight, norm.variance_epsilon)[0]
         return FrozenRMSNorm.apply(x, norm.weight, norm.variance_epsilon)
     return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon).to(x.dtype)
 
@@ -129,13 +159,40 @@ def _stack(modules: list[nn.Module | None]) -> tuple[torch.Tensor, torch.Tensor 
     return stacked[0], stacked[1]
 
 
+# block -> (what its fused products were made from, the fused products): the checks of `_stack` took 135 us per
+# block per step (2 Zen 1 threads), 4 ms of an uncached 30-block step
+_FUSED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, tuple]] = weakref.WeakKeyDictionary()
+
+
+def _projection_state(modules: list[nn.Module | None]) -> tuple:
+    """What `_stack`'s answer depends on: each module and its class, and each of its tensors (identity, storage,
+    trainable). Not their values: the fused products are views of the modules' own storage."""
+    state = []
+    for m in modules:
+        if m is None:
+            state.append(None)
+            continue
+        weight, bias = (getattr(m, name, None) for name in ("weight", "bias"))
+        state.append((id(m), type(m), *(None if t is None else (id(t), t.data_ptr(), t.requires_grad)
+                                        for t in (weight, bias))))
+    return tuple(state)
+
+
 def fuse_projections(layer: nn.Module) -> tuple[tuple | None, tuple | None]:
     """((weight, bias) of q|k|v, (weight, bias) of gate|up) of a frozen block, each pair one product (`_stack`);
-    None for a group whose modules are called one by one."""
+    None for a group whose modules are called one by one. Remembered per block until one of its projections or
+    their tensors changes (moved, cast, replaced, set to train)."""
     attn, mlp = layer.self_attn, layer.mlp
+    groups = ([attn.q_proj, attn.k_proj, attn.v_proj], [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)])
+    state = _projection_state([*groups[0], *groups[1]])
     with _FUSE_LOCK:
-        return (_stack([attn.q_proj, attn.k_proj, attn.v_proj]),
-                _stack([getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]))
+        known = _FUSED.get(layer)
+        if known is not None and known[0] == state:
+            return known[1]
+        fused = (_stack(groups[0]), _stack(groups[1]))
+        # the first `_stack` makes the modules' tensors views of the stacked ones: remember their state after it
+        _FUSED[layer] = (_projection_state([*groups[0], *groups[1]]), fused)
+        return fused
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
