@@ -100,12 +100,17 @@ def test_reference_knn_matches_sklearn_and_is_cached(tmp_path):
 
 
 def test_sampled_nearest_distances_are_the_tables_at_a_fixed_sample(monkeypatch):
-    """The token gap of a large vocabulary reads a sample of points, each against the whole cloud: the whole table's
-    nn1 at those points (the sample fixed by n and seed), and a gap from it near the whole cloud's median."""
+    """The token gap reads each point's nearest distance without the whole k-NN table (its own pass, the table's
+    numbers), and for a large vocabulary a sample of points, each against the whole cloud: the whole table's nn1
+    at those points (the sample fixed by n and seed), and a gap from it near the whole cloud's median."""
     import core.tuning.convergence as conv
 
     ref = _cloud(n=3000, d=8)
+    own_pass = dv.nearest_distances(ref)
+    assert dv._cached_stats(ref, dv._knn_key(ref, dv.DEFAULT_K), None) is None  # no k-NN table was built for it
     full = dv.reference_knn(ref, k=1)["nn1"]
+    np.testing.assert_allclose(own_pass, full, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(dv.nearest_distances(ref), dv.reference_knn(ref)["nn1"])  # a table at hand is read
     sample = dv.sampled_nn1(ref, 600, seed=3)
     rows = np.sort(np.random.default_rng(3).choice(3000, size=600, replace=False))
     np.testing.assert_allclose(sample, full[rows], rtol=1e-5, atol=1e-6)

@@ -158,14 +158,14 @@ NN_GAP_SAMPLE = 8_192
 
 
 def token_nn_gap(lm) -> float:  # noqa: ANN001 - core.models.LoadedModel
-    """Median distance from a token embedding to its nearest other token: over every token (the vocabulary's k-NN
-    table, `core.analysis.divergence.reference_knn`, cached on disk and served from the artifacts when built) up to
-    `NN_GAP_EXACT_MAX` tokens, else over a fixed sample of `NN_GAP_SAMPLE` tokens (`sampled_nn1`; on SmolLM2's
-    vocabulary three seeds' medians were within 0.4% of the whole one's), so the first run of a large hub model does
-    not end in a V x V pass."""
-    from core.analysis.divergence import reference_knn, sampled_nn1, token_reference
+    """Median distance from a token embedding to its nearest other token: over every token
+    (`core.analysis.divergence.nearest_distances`: the vocabulary's k-NN table where it is at hand, as the committed
+    artifact of the embedded model, else a pass of its own, cached on disk) up to `NN_GAP_EXACT_MAX` tokens, else
+    over a fixed sample of `NN_GAP_SAMPLE` tokens (`sampled_nn1`; on SmolLM2's vocabulary three seeds' medians were
+    within 0.4% of the whole one's), so the first run of a large hub model does not end in a V x V pass."""
+    from core.analysis.divergence import nearest_distances, sampled_nn1, token_reference
 
     ref = token_reference(lm)
     if len(ref) <= NN_GAP_EXACT_MAX:
-        return float(np.median(reference_knn(ref)["nn1"]))
+        return float(np.median(nearest_distances(ref)))
     return float(np.median(sampled_nn1(ref, NN_GAP_SAMPLE)))
