@@ -606,6 +606,7 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
     if first is not None:  # stacked like h
         first = first.rows(layout.source) if first_prefix is None else first_prefix.cat(first.rows(layout.source))
     rotary: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # deep count -> cos, sin [n + S + P, 1, dh]
+    no_rows = torch.zeros(0, dtype=torch.long, device=device)  # deep vectors alone need no query: their k|v rows
     for index in range(start, last + 1):
         if index == stop:
             return h
@@ -626,14 +627,14 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
                                                                    sin[n:].index_select(0, reads))
             q = _rope(tokens.query.to(dtype), q_cos, q_sin)
             if n:
-                _, kd, vd = _project(attn, x_deep, qkv, cos[:n], sin[:n])
+                _, kd, vd = _project(attn, x_deep, qkv, cos[:n], sin[:n], no_rows)
                 out = _attend_merged(q, tokens, kd, vd, attn.scaling)  # [S + P or B*A, H*dh]
             else:
                 out = tokens.attended.to(dtype).flatten(1)
         else:
             x = _norm(layer.input_layernorm, h)
             if n and not h.requires_grad:  # the first prompted block: the tokens' projections need no gradient
-                _, kd, vd = _project(attn, x_deep, qkv, cos[:n], sin[:n])
+                _, kd, vd = _project(attn, x_deep, qkv, cos[:n], sin[:n], no_rows)
                 q, k, v = _project(attn, x, qkv, cos[n:], sin[n:], reads)
             else:  # the deep vectors ride along in the projection; only their keys and values are used
                 if n:
