@@ -79,9 +79,10 @@ _FUSED_RMS_NORM = getattr(torch.ops.aten, "_fused_rms_norm", None)
 
 def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(`weight * rms_norm(x in fp32).to(x.dtype)`, rstd [..., 1] in fp32 or float64) for `weight` in x's dtype. Fp32
-    and float64 through `_fused_rms_norm`, one op with the same numbers (20 rows of 576 on 2 Zen 1 threads: 58 against
-    119 us for the three below); bf16 rounds `x * rstd` to bf16 before the weight, as the model does."""
-    if _FUSED_RMS_NORM is not None and x.dtype in (torch.float32, torch.float64):
+    and float64 on CPU through `_fused_rms_norm`, one op with the same numbers (20 rows of 576 on 2 Zen 1 threads: 58
+    against 119 us for the three below; CUDA, where it was never measured, keeps the three); bf16 rounds `x * rstd`
+    to bf16 before the weight, as the model does."""
+    if _FUSED_RMS_NORM is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
         return _FUSED_RMS_NORM(x, [x.shape[-1]], weight, eps)
     x32 = x.to(torch.promote_types(x.dtype, torch.float32))
     rstd = torch.rsqrt(torch.linalg.vecdot(x32, x32).unsqueeze(-1) / x.shape[-1] + eps)  # [..., 1]
