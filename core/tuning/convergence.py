@@ -149,10 +149,11 @@ def prompt_drift(prompt: dict[str, torch.Tensor], init: dict[str, torch.Tensor],
     return out
 
 
-# Vocabularies up to this size give the token gap from their whole k-NN table (`reference_knn`, shared with the
-# Divergence page); larger ones from a fixed sample of tokens, each against the whole vocabulary. The whole table is a
-# V x V pass: on 2 Zen 1 cores ~20 s for the tiny test model's 49,152 x 64, ~60 s for SmolLM2's 49,152 x 576 (a
-# sample of 8,192: 10 s), and many minutes for a 128k x 2048 vocabulary.
+# Vocabularies up to this size give the token gap from every token's nearest distance (`nearest_distances`: the
+# k-NN table shared with the Divergence page where it is at hand, else a V x V pass of its own); larger ones from a
+# fixed sample of tokens, each against the whole vocabulary. On 2 Zen 1 cores the whole table took ~20 s for the tiny
+# test model's 49,152 x 64 (the pass of its own: 10 s) and ~60 s for SmolLM2's 49,152 x 576 (a sample of 8,192: 10 s);
+# a 128k x 2048 vocabulary would take many minutes.
 NN_GAP_EXACT_MAX = 65_536
 NN_GAP_SAMPLE = 8_192
 
