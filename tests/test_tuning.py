@@ -286,6 +286,35 @@ def test_chunked_causal_attention_matches_sdpa_and_its_gradient_checks(monkeypat
     assert torch.autograd.gradcheck(lambda *t: blocks.CausalAttention.apply(frozen_q, *t, 0.3), (k, v))
 
 
+@pytest.mark.parametrize("offset", [0, 3], ids=["no deep keys", "3 deep keys"])
+def test_causal_attention_skips_the_queries_past_each_rows_length(monkeypatch, offset):
+    """Rows of a batch read different lengths (the block loop's rows, longest first): the chunks multiply only the
+    rows that reach them. Each row's read queries get exactly the attention of the whole computation, the chunks past
+    its length zeros, and the gradient through the read queries is the whole computation's (the keys seen only past
+    a row's length get none); gradcheck passes with q, k and v needing gradients."""
+    from core.tuning import blocks
+
+    monkeypatch.setattr(blocks, "ATTENTION_CHUNK", 3)
+    lengths = (10, 7, 3, 1)  # the first row reaches every chunk, the last only the first
+    gen = torch.Generator().manual_seed(0)
+    lq = lengths[0]
+    q = torch.randn(4, 6, lq, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(4, 2, lq + offset, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+            for _ in range(2))
+    position = torch.arange(lq)[None, None, :, None]
+    read = position < torch.tensor(lengths)[:, None, None, None]  # [B, 1, Lq, 1]
+    unreached = position >= (torch.tensor(lengths)[:, None, None, None] + 2) // 3 * 3  # chunks past each row's
+    skipped = blocks.CausalAttention.apply(q, k, v, 0.3, lengths)
+    whole = blocks.CausalAttention.apply(q, k, v, 0.3)
+    torch.testing.assert_close(skipped[read.expand_as(whole)], whole[read.expand_as(whole)])
+    assert unreached.sum() == 15 and (skipped[unreached.expand_as(whole)] == 0).all()
+    weights = torch.randn(whole.shape, generator=gen, dtype=torch.float64) * read
+    expected = torch.autograd.grad((whole * weights).sum(), (q, k, v))
+    for got, want in zip(torch.autograd.grad((skipped * weights).sum(), (q, k, v)), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(lambda *t: blocks.CausalAttention.apply(*t, 0.3, lengths), (q, k, v))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_frozen_norm_and_gated_silu_match_the_models_ops_and_their_gradients(dtype):
     """The block loop's RMSNorm and silu(gate) * up with backwards of their own: the forward of LlamaRMSNorm and of

@@ -284,29 +284,38 @@ class _Layout:
     runs on the P kept tokens only, stacked after the S shared prompt rows, and attention gathers them into
     rows of S + W positions (W the longest kept span; a row's slots past its span repeat its last token,
     whose outputs are dropped, so no gradient reaches them). On the QA batches of bench_tuning this leaves out
-    ~16% of the positions.
+    ~16% of the positions. The per-row slots hold the rows longest first (`lengths`, non-increasing: S + each
+    row's kept span), so a chunk of queries past the shorter rows' spans multiplies only the rows still in it
+    (`CausalAttention`).
 
     hidden rows [B*T] -> kept tokens: `source` [P]; each kept token's column: `column` [P];
     stacked rows [S + P] -> per-row slots [B*(S+W)]: `gather`; per-row slots -> stacked rows: `scatter` [S + P];
-    the reads: `read_rows` [B, A] (stacked token index minus S), `read_at` [B, A] columns, `slot` [N].
+    the reads, in the per-row slots' order of rows: `read_rows` [B, A] (stacked token index minus S), `read_at`
+    [B, A] columns; read (rows[i], cols[i]) is at [`read_row`[i], `slot`[i]] of those.
     """
 
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, batch: int, length: int, shared: int) -> None:
         device = cols.device
-        self.read_at, self.slot = _read_positions(rows, cols, batch)
-        kept = self.read_at.max(dim=1).values + 1  # [B] each row's positions up to its last read
+        read_at, self.slot = _read_positions(rows, cols, batch)
+        kept = read_at.max(dim=1).values + 1  # [B] each row's positions up to its last read
         first = torch.cumsum(kept, 0) - kept  # [B] each row's first kept token among the P
         row_of = torch.repeat_interleave(torch.arange(batch, device=device), kept)  # [P]
         self.column = torch.arange(len(row_of), device=device) - first[row_of]  # [P]
         self.source = row_of * length + self.column
-        self.read_rows = first[:, None] + self.read_at  # [B, A]
-        slots = torch.arange(int(kept.max()), device=device)  # W
+        order = torch.argsort(kept, descending=True, stable=True)  # per-row slot row i holds batch row order[i]
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(batch, device=device)
+        self.read_at = read_at[order]  # [B, A]
+        self.read_rows = (first[:, None] + read_at)[order]  # [B, A]
+        self.read_row = rank[rows]  # [N]
+        self.lengths = tuple(int(n) for n in (shared + kept[order]).tolist())
+        slots = torch.arange(self.lengths[0] - shared, device=device)  # W
         token_slot = shared + first[:, None] + torch.minimum(slots[None, :], kept[:, None] - 1)  # [B, W]
         prompt_slot = torch.arange(shared, device=device).expand(batch, -1)  # [B, S]
-        self.gather = torch.cat([prompt_slot, token_slot], dim=1).reshape(-1)  # [B*(S+W)]
+        self.gather = torch.cat([prompt_slot, token_slot[order]], dim=1).reshape(-1)  # [B*(S+W)]
         seq = shared + len(slots)
-        self.scatter = torch.cat([torch.arange(shared, device=device),  # the prompt's rows: row 0's
-                                  row_of * seq + shared + self.column])
+        self.scatter = torch.cat([torch.arange(shared, device=device),  # the prompt's rows: the first row's
+                                  rank[row_of] * seq + shared + self.column])
         self.batch, self.seq = batch, seq
 
     def per_row(self, x: torch.Tensor) -> torch.Tensor:
@@ -333,13 +342,23 @@ class CausalAttention(torch.autograd.Function):
     is then matrix products and one elementwise pass. Forward and backward for 8 rows of 660 positions (9 query /
     3 key-value heads of 64, bf16, 2 threads) take 49 ms against 123 for SDPA's fused kernel, and 1.1 ms against
     4.7 at 46 positions; the price is memory for the probabilities (~30 MB per block at 8 x 660).
+
+    lengths: each row's queries that are read, non-increasing ([B] ints: rows ordered longest first, as
+    `_Layout` orders them), or None for all. A chunk multiplies only the rows that reach it: the chunks past a
+    row's length give it zeros and pass no gradient (the keys past length + Lk - Lq, seen by those queries alone,
+    get none from them). On the QA batches of bench_tuning (rows of 406-569 positions in one batch) the chunks skipped
+    ~14% of the attention's work.
     """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,  # noqa: ANN001
+                lengths: tuple[int, ...] | None = None) -> torch.Tensor:
         batch, heads, lq, head_dim = q.shape
         kv, lk = k.shape[1], k.shape[2]
         group, offset = heads // kv, lk - lq
+        starts = range(0, lq, ATTENTION_CHUNK)
+        # rows per chunk: those whose read queries reach it (a prefix, rows being longest first)
+        active = [batch if lengths is None else sum(n > i0 for n in lengths) for i0 in starts]
         with torch.autocast(q.device.type, enabled=False):  # the inputs are already in the compute dtype
             # one copy of each into [B, KV, Lk, dh] rows: the keys and values arrive as views of [B, Lk, KV, dh], and
             # each chunk's product would otherwise copy its slice of them (5 of 38 ms per block at 8 x 588)
@@ -348,21 +367,27 @@ class CausalAttention(torch.autograd.Function):
             out = torch.empty_like(qs)
             keys_t = k.transpose(-1, -2)
             probs = []
-            for i0 in range(0, lq, ATTENTION_CHUNK):
+            for i0, rows_in in zip(starts, active, strict=True):
                 i1 = min(i0 + ATTENTION_CHUNK, lq)
                 rows, seen = i1 - i0, i1 + offset
-                scores = torch.matmul(qs[:, :, :, i0:i1].reshape(batch, kv, group * rows, head_dim),
-                                      keys_t[..., :seen]).view(batch, kv, group, rows, seen)
+                if rows_in < batch:
+                    out[rows_in:, :, :, i0:i1] = 0
+                if not rows_in:
+                    probs.append(None)
+                    continue
+                scores = torch.matmul(qs[:rows_in, :, :, i0:i1].reshape(rows_in, kv, group * rows, head_dim),
+                                      keys_t[:rows_in, ..., :seen]).view(rows_in, kv, group, rows, seen)
                 # only the chunk's last `rows` keys can lie after one of its queries
                 future = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu(1)
                 scores[..., seen - rows:].masked_fill_(future, float("-inf"))
                 p = torch.softmax(scores, dim=-1)  # accumulates in fp32 for bf16 too, rounds once
                 probs.append(p)
-                out[:, :, :, i0:i1] = torch.matmul(p.view(batch, kv, group * rows, seen),
-                                                   v[:, :, :seen]).view(batch, kv, group, rows, head_dim)
+                out[:rows_in, :, :, i0:i1] = torch.matmul(p.view(rows_in, kv, group * rows, seen),
+                                                          v[:rows_in, :, :seen]).view(rows_in, kv, group, rows,
+                                                                                      head_dim)
         out = out.view(batch, heads, lq, head_dim)
         ctx.save_for_backward(qs, k, v, *probs)
-        ctx.scale = scale
+        ctx.scale, ctx.active = scale, active
         return out
 
     @staticmethod
@@ -380,24 +405,30 @@ class CausalAttention(torch.autograd.Function):
             grad_k = torch.zeros(batch, kv, lk, head_dim, dtype=acc, device=qs.device)
             grad_v = torch.zeros_like(grad_k)
             values_t = v.transpose(-1, -2)
-            for n, i0 in enumerate(range(0, lq, ATTENTION_CHUNK)):
+            for n, (i0, rows_in) in enumerate(zip(range(0, lq, ATTENTION_CHUNK), ctx.active, strict=True)):
                 i1 = min(i0 + ATTENTION_CHUNK, lq)
                 rows, seen = i1 - i0, i1 + offset
+                if want_q and rows_in < batch:
+                    grad_q[rows_in:, :, :, i0:i1] = 0
+                if not rows_in:
+                    continue
                 p = probs[n]
-                d_out = grad_g[:, :, :, i0:i1].reshape(batch, kv, group * rows, head_dim)
-                grad_v[:, :, :seen] += torch.matmul(p.view(batch, kv, group * rows, seen).transpose(-1, -2), d_out)
-                d_p = torch.matmul(d_out, values_t[..., :seen]).view(batch, kv, group, rows, seen)
+                d_out = grad_g[:rows_in, :, :, i0:i1].reshape(rows_in, kv, group * rows, head_dim)
+                grad_v[:rows_in, :, :seen] += torch.matmul(p.view(rows_in, kv, group * rows, seen).transpose(-1, -2),
+                                                           d_out)
+                d_p = torch.matmul(d_out, values_t[:rows_in, ..., :seen]).view(rows_in, kv, group, rows, seen)
                 # dS = P * (dP - rowsum(dP * P)) in one fused pass, in fp32 inside for bf16 (as the model's fp32
                 # softmax backward): 32 vs 38 ms per block at 8 x 588 positions against the three passes written out
-                d_s = torch.ops.aten._softmax_backward_data(d_p, p, -1, qs.dtype).view(batch, kv, group * rows, seen)
+                d_s = torch.ops.aten._softmax_backward_data(d_p, p, -1, qs.dtype).view(rows_in, kv, group * rows, seen)
                 if want_q:
-                    grad_q[:, :, :, i0:i1] = torch.matmul(d_s, k[:, :, :seen]).view(batch, kv, group, rows, head_dim)
-                q_chunk = qs[:, :, :, i0:i1].reshape(batch, kv, group * rows, head_dim)
-                grad_k[:, :, :seen] += torch.matmul(d_s.transpose(-1, -2), q_chunk)
+                    grad_q[:rows_in, :, :, i0:i1] = torch.matmul(d_s, k[:rows_in, :, :seen]).view(
+                        rows_in, kv, group, rows, head_dim)
+                q_chunk = qs[:rows_in, :, :, i0:i1].reshape(rows_in, kv, group * rows, head_dim)
+                grad_k[:rows_in, :, :seen] += torch.matmul(d_s.transpose(-1, -2), q_chunk)
             if want_q:
                 grad_q = (grad_q * ctx.scale).view(batch, kv * group, lq, head_dim)
             # the scale sits in qs already, so grad_k needs none
-        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None
+        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
 
 
 def _sdpa_attention(device: torch.device) -> bool:
@@ -407,16 +438,17 @@ def _sdpa_attention(device: torch.device) -> bool:
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
-            scale: float) -> torch.Tensor:
+            scale: float, lengths: tuple[int, ...] | None = None) -> torch.Tensor:
     """Attention of q [B, H, Lq, dh] over k, v [B, KV, Lk, dh] (H a multiple of KV, grouped heads), returning
     [B, H, Lq, dh]. allowed: bool, broadcastable to [B, 1, Lq, Lk] (True = attend), or None for causal with the
-    last query at the last key (query i sees keys j <= i + Lk - Lq)."""
+    last query at the last key (query i sees keys j <= i + Lk - Lq). lengths: with None, each row's queries that
+    are read, non-increasing (the CPU's `CausalAttention` skips the rest; SDPA computes them)."""
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     batch, heads, lq, head_dim = q.shape
     kv, lk = k.shape[1], k.shape[2]
     if allowed is None and not _sdpa_attention(q.device):
-        return CausalAttention.apply(q, k, v, scale)
+        return CausalAttention.apply(q, k, v, scale, lengths)
     if allowed is None and lq == lk:
         return sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     if allowed is None:
@@ -649,7 +681,8 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
                 k = torch.cat([kd.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1), k], dim=2)
                 v = torch.cat([vd.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1), v], dim=2)
             if index < last:
-                out = _attend(layout.per_row(q), k, v, None, attn.scaling)  # [B, H, S+W, dh]: causal, deep keys seen
+                # [B, H, S+W, dh]: causal, deep keys seen
+                out = _attend(layout.per_row(q), k, v, None, attn.scaling, layout.lengths)
                 out = layout.stacked(out.transpose(1, 2)).flatten(1)  # [S + P, H*dh]
             else:  # queries only where the loss reads, A per row (padded with the row's last one)
                 q = q.view(batch, layout.read_at.shape[1], *q.shape[1:]).transpose(1, 2)  # [B, H, A, dh]
@@ -663,7 +696,7 @@ def answer_rows(model: nn.Module, hidden: torch.Tensor, start: int, prefix: torc
         else:  # the last block: the read positions only
             h_read = h[shared:][layout.read_rows]  # [B, A, d]
             h_read = h_read + module_linear(attn.o_proj, out.view(batch, layout.read_at.shape[1], -1))
-            h_read = h_read[rows, layout.slot]  # [N, d], in the order of (rows, cols)
+            h_read = h_read[layout.read_row, layout.slot]  # [N, d], in the order of (rows, cols)
             h_read = h_read + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h_read), gate_up)
             return _norm(decoder.norm, h_read)
     raise AssertionError("unreachable")
