@@ -289,9 +289,9 @@ def test_chunked_causal_attention_matches_sdpa_and_its_gradient_checks(monkeypat
 @pytest.mark.parametrize("offset", [0, 3], ids=["no deep keys", "3 deep keys"])
 def test_causal_attention_skips_the_queries_past_each_rows_length(monkeypatch, offset):
     """Rows of a batch read different lengths (the block loop's rows, longest first): the chunks multiply only the
-    rows that reach them. Each row's read queries get exactly the attention of the whole computation, the chunks past
-    its length zeros, and the gradient through the read queries is the whole computation's (the keys seen only past
-    a row's length get none); gradcheck passes with q, k and v needing gradients."""
+    rows that reach them. Each row's read queries get exactly the attention of the whole computation (whose backward
+    passes gradcheck above), the chunks past its length zeros, and the gradient through the read queries is the
+    whole computation's (the keys seen only past a row's length get none)."""
     from core.tuning import blocks
 
     monkeypatch.setattr(blocks, "ATTENTION_CHUNK", 3)
@@ -312,7 +312,6 @@ def test_causal_attention_skips_the_queries_past_each_rows_length(monkeypatch, o
     expected = torch.autograd.grad((whole * weights).sum(), (q, k, v))
     for got, want in zip(torch.autograd.grad((skipped * weights).sum(), (q, k, v)), expected, strict=True):
         torch.testing.assert_close(got, want)
-    assert torch.autograd.gradcheck(lambda *t: blocks.CausalAttention.apply(*t, 0.3, lengths), (q, k, v))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
