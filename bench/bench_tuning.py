@@ -14,7 +14,8 @@ dtype `core.compute` picks for this CPU ("auto": bf16 only where bf16 matmuls ar
 Each round passes every example once per method and dataset, interleaved (PEFT, ours, PEFT, ours ...); the first
 round is a warm-up, and tokens/s is the median over the measured rounds. Tokens are real (non-pad) tokens,
 identical for both. Peak memory is the RSS high-water mark
-(VmHWM) of a fresh child process per method running the same examples, so neither pays for the other's state.
+(VmHWM) of a fresh child process per method running the same examples, run before the timed rounds, so neither
+pays for the other's state.
 The ceiling line divides our useful FLOP rate (4·N·tokens for the forward and the backward to activations, N the
 non-embedding parameters, with the 20 virtual tokens counted once per batch as ours computes them, plus 4·d·V per
 answer token for the head)
@@ -154,6 +155,29 @@ def child(method: str, args: argparse.Namespace) -> None:
     print(json.dumps({"method": method, "loaded_mb": base, "peak_mb": vm_hwm_mb()}))
 
 
+def peak_memory(methods: list[str], args: argparse.Namespace) -> dict[str, float]:
+    """Each method's peak RSS (MB) from a fresh child process, nan where the child failed. Run before this process
+    loads anything: a parent holding a model and PEFT's freed activations (~11 GB here) beside a 12 GB child ran
+    a 24 GB machine out of memory."""
+    peak = {}
+    for method in methods:
+        out = subprocess.run([sys.executable, __file__, "--child", method, "--threads", str(args.threads),
+                              "--batch-size", str(args.batch_size), "--n", str(args.n), "--n-qa", str(args.n_qa),
+                              "--qa-max-tokens", str(args.qa_max_tokens)], capture_output=True,
+                             text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        line = [x for x in out.stdout.splitlines() if x.startswith("{")]
+        if not line:
+            why = " (killed: out of memory?)" if out.returncode == -9 else ""
+            print(f"memory child for {method} failed, exit {out.returncode}{why}: {out.stderr[-1000:]}")
+            peak[method] = float("nan")
+            continue
+        measured = json.loads(line[-1])
+        peak[method] = measured["peak_mb"]
+        print(f"memory {method}: loaded {measured['loaded_mb']:.0f} MB, peak {measured['peak_mb']:.0f} MB",
+              flush=True)
+    return peak
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2, help="measured rounds after one warm-up")
@@ -173,6 +197,8 @@ def main() -> int:
     from core.compute import decide
     from core.models import load_model
 
+    methods = ["peft", "ours"] + (["ours_compiled"] if args.compile else [])
+    peak = peak_memory(methods, args)
     torch.set_num_threads(args.threads)
     lm = load_model(device="cpu")
     decision = decide(lm)
@@ -185,7 +211,6 @@ def main() -> int:
     print(f"threads {args.threads}, batch {args.batch_size}, {args.n} MATH and {args.n_qa or args.n} QA examples, "
           f"non-embedding params "
           f"{n_nonembed / 1e6:.1f} M")
-    methods = ["peft", "ours"] + (["ours_compiled"] if args.compile else [])
     runners = {}
     for name, examples in sets.items():
         lengths = sorted(len(x) for x in (lm.tokenizer(e.prompt + e.target).input_ids for e in examples))
@@ -211,18 +236,6 @@ def main() -> int:
                     flops[(name, method)] += 4 * n_nonembed * (tokens + virtual) + 4 * d * vocab * answers
     rate = 1e9 * matmul_gflops(torch.bfloat16 if decision.dtype == "bf16" else torch.float32,
                                torch.device("cpu"), size=2048, seconds=1.0)
-    mem = {}
-    for method in methods:
-        out = subprocess.run([sys.executable, __file__, "--child", method, "--threads", str(args.threads),
-                              "--batch-size", str(args.batch_size), "--n", str(args.n), "--n-qa", str(args.n_qa),
-                              "--qa-max-tokens", str(args.qa_max_tokens)], capture_output=True,
-                             text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        line = [x for x in out.stdout.splitlines() if x.startswith("{")]
-        if not line:
-            print(out.stderr[-2000:])
-            raise SystemExit(f"memory child for {method} failed")
-        mem[method] = json.loads(line[-1])
-        print(f"memory {method}: loaded {mem[method]['loaded_mb']:.0f} MB, peak {mem[method]['peak_mb']:.0f} MB")
     achieved = {m: sum(flops[(s, m)] for s in sets) / sum(totals[(s, m)][1] for s in sets) for m in methods}
     print(f"{decision.dtype} 2048^3 matmul: {rate / 1e9:.1f} GFLOP/s; useful rate "
           + ", ".join(f"{m} {achieved[m] / 1e9:.1f} GFLOP/s" for m in methods))
@@ -238,8 +251,8 @@ def main() -> int:
             ours, theirs = statistics.median(rates[(name, ours_name)]), statistics.median(rates[(name, "peft")])
             results.append(f"RESULT tokens_per_s_{name}{tag}_vs_peft ratio={ours / theirs:.3f} ours={ours:.1f} "
                            f"theirs={theirs:.1f} unit=tokens/s")
-        results.append(f"RESULT peak_rss{tag}_vs_peft ratio={mem['peft']['peak_mb'] / mem[ours_name]['peak_mb']:.3f} "
-                       f"ours={mem[ours_name]['peak_mb']:.0f} theirs={mem['peft']['peak_mb']:.0f} unit=MB")
+        results.append(f"RESULT peak_rss{tag}_vs_peft ratio={peak['peft'] / peak[ours_name]:.3f} "
+                       f"ours={peak[ours_name]:.0f} theirs={peak['peft']:.0f} unit=MB")
         results.append(f"RESULT {decision.dtype}_matmul_ceiling{tag} ratio={achieved[ours_name] / rate:.3f} "
                        f"ours={achieved[ours_name] / 1e9:.1f} theirs={rate / 1e9:.1f} unit=GFLOP/s")
     print("\n".join(results))
