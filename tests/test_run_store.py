@@ -399,6 +399,8 @@ def test_a_signal_cancels_saves_and_says_how_to_resume(tiny_cli, tmp_path, sig):
     line = next(x for x in stdout.splitlines() if "resume with:" in x)
     command = line.split("resume with: ")[1]
     assert command.startswith("python -m core train ") and command.endswith(f"--out {out} --resume")
+    if sig == signal.SIGTERM:  # the saved run is the same whichever signal stopped it: one resume is enough
+        return
     resumed = tiny_cli(shlex.split(command)[3:])  # the same command, on the tiny model
     resumed.communicate(timeout=300)
     assert resumed.returncode == 0 and json.loads((out / "run.json").read_text())["steps_done"] == 30
