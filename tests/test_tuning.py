@@ -288,9 +288,9 @@ def test_chunked_causal_attention_matches_sdpa_and_its_gradient_checks(monkeypat
 
 @pytest.mark.parametrize("offset", [0, 3], ids=["no deep keys", "3 deep keys"])
 def test_causal_attention_skips_the_queries_past_each_rows_length(monkeypatch, offset):
-    """Rows of a batch read different lengths (the block loop's rows, longest first): the chunks multiply only the
-    rows that reach them. Each row's read queries get exactly the attention of the whole computation (whose backward
-    passes gradcheck above), the chunks past its length zeros, and the gradient through the read queries is the
+    """Rows of a batch use different lengths (the block loop's rows, longest first): the chunks multiply only the
+    rows that reach them. Each row's used queries get exactly the attention of the whole computation (whose backward
+    passes gradcheck above), the chunks past its length zeros, and the gradient through the used queries is the
     whole computation's (the keys seen only past a row's length get none)."""
     from core.tuning import blocks
 
@@ -302,13 +302,13 @@ def test_causal_attention_skips_the_queries_past_each_rows_length(monkeypatch, o
     k, v = (torch.randn(4, 2, lq + offset, 4, generator=gen, dtype=torch.float64, requires_grad=True)
             for _ in range(2))
     position = torch.arange(lq)[None, None, :, None]
-    read = position < torch.tensor(lengths)[:, None, None, None]  # [B, 1, Lq, 1]
+    used = position < torch.tensor(lengths)[:, None, None, None]  # [B, 1, Lq, 1]
     unreached = position >= (torch.tensor(lengths)[:, None, None, None] + 2) // 3 * 3  # chunks past each row's
     skipped = blocks.CausalAttention.apply(q, k, v, 0.3, lengths)
     whole = blocks.CausalAttention.apply(q, k, v, 0.3)
-    torch.testing.assert_close(skipped[read.expand_as(whole)], whole[read.expand_as(whole)])
+    torch.testing.assert_close(skipped[used.expand_as(whole)], whole[used.expand_as(whole)])
     assert unreached.sum() == 15 and (skipped[unreached.expand_as(whole)] == 0).all()
-    weights = torch.randn(whole.shape, generator=gen, dtype=torch.float64) * read
+    weights = torch.randn(whole.shape, generator=gen, dtype=torch.float64) * used
     expected = torch.autograd.grad((whole * weights).sum(), (q, k, v))
     for got, want in zip(torch.autograd.grad((skipped * weights).sum(), (q, k, v)), expected, strict=True):
         torch.testing.assert_close(got, want)

@@ -357,7 +357,7 @@ class CausalAttention(torch.autograd.Function):
         kv, lk = k.shape[1], k.shape[2]
         group, offset = heads // kv, lk - lq
         starts = range(0, lq, ATTENTION_CHUNK)
-        # rows per chunk: those whose read queries reach it (a prefix, rows being longest first)
+        # rows per chunk: those whose used queries reach it (a prefix, rows being longest first)
         active = [batch if lengths is None else sum(n > i0 for n in lengths) for i0 in starts]
         with torch.autocast(q.device.type, enabled=False):  # the inputs are already in the compute dtype
             # one copy of each into [B, KV, Lk, dh] rows: the keys and values arrive as views of [B, Lk, KV, dh], and
