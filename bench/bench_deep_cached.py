@@ -10,9 +10,12 @@ the same compute (`--compute`, "auto" by default) and are timed interleaved, ste
 - paper: the whole model every step through its own forward with the prompt's hooks, as the paper's code runs it
   (`core.tuning.loss.hooked_answer_loss`), what a user of that code would run instead.
 Reported: the median step time with the cache warm (every later epoch), the first-epoch step (which also fills
-the cache), and the largest loss difference between the cached and full paths over the measured steps, beside
-the one between the full path and the model's own forward: in bf16 the cache (computed by the model's forward)
-and the block loop round differently, and the second difference is the scale of that rounding.
+the cache), each path's forward and backward (what the ratio is made of: both run the same backward, through the k
+prompted blocks only, and the same head, so the ratio is 1 + the full path's no-grad forward through the lower
+blocks / the cached step, below L/k wherever that backward and head weigh), and the largest loss difference
+between the cached and full paths over the measured steps, beside the one between the full path and the model's own
+forward: in bf16 the cache (computed by the model's forward) and the block loop round differently, and the second
+difference is the scale of that rounding.
 
 The test, stated before the numbers: is the warm cached step at least `--target` times faster than the full path
 (the issue's 5x for k=3 of 30)? Statistic: the ratio of median step times; its 95% paired percentile-bootstrap CI
@@ -74,17 +77,23 @@ def main() -> int:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     cache = ResidualCache(lm, model, amp, start=layers[0])
 
-    def step(group: list, cached: bool, paper: bool = False) -> tuple[float, float]:
+    def sync() -> None:
+        if lm.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step(group: list, cached: bool, paper: bool = False) -> tuple[float, float, float]:
+        """(step time, loss, of which the forward's time)."""
         batch = collate(group, lm.tokenizer.pad_token_id).to(lm.device)
         if cached:
             cache.attach(batch, group)
         start = time.perf_counter()
         loss = (hooked_answer_loss if paper else answer_loss)(model, prompt, batch, amp) / batch.n_answer
+        sync()
+        forward = time.perf_counter() - start
         loss.backward()
         prompt.zero_grad(set_to_none=True)
-        if lm.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, float(loss.detach())
+        sync()
+        return time.perf_counter() - start, float(loss.detach()), forward
 
     cache.forget(items)  # an earlier run's entries on disk would make the first epoch a read, not a fill
     first_epoch = []
@@ -92,11 +101,13 @@ def main() -> int:
         start = time.perf_counter()
         cache.get(group)
         first_epoch.append(time.perf_counter() - start + step(group, cached=True)[0])
-    full, warm, paper, diffs, paper_diffs = [], [], [], [], []
+    full, warm, paper, diffs, paper_diffs, forwards = [], [], [], [], [], {"full": [], "cached": []}
     for group in batches:
-        t_full, loss_full = step(group, cached=False)
-        t_warm, loss_warm = step(group, cached=True)
-        t_paper, loss_paper = step(group, cached=False, paper=True)
+        t_full, loss_full, forwards_full = step(group, cached=False)
+        t_warm, loss_warm, forwards_warm = step(group, cached=True)
+        t_paper, loss_paper, _ = step(group, cached=False, paper=True)
+        forwards["full"].append(forwards_full)
+        forwards["cached"].append(forwards_warm)
         paper.append(t_paper)
         full.append(t_full)
         warm.append(t_warm)
@@ -111,6 +122,14 @@ def main() -> int:
           f"{max(paper_diffs):.2e})")
     print(f"step: full forward {t_full:.3f} s, cached (warm) {t_warm:.3f} s, cached first epoch {t_first:.3f} s, "
           f"the paper's hooked full forward {t_paper:.3f} s")
+    f_full, f_warm = statistics.median(forwards["full"]), statistics.median(forwards["cached"])
+    # what the ratio is made of: both paths run the same backward (through the k prompted blocks only; nothing below
+    # them trains) and the same head, so the cache saves only the full path's no-grad forward of the lower blocks
+    print(f"of which the forward (the head included): full {f_full:.3f} s, cached {f_warm:.3f} s; the backward, "
+          f"through the {args.k} prompted blocks on both paths: full {t_full - f_full:.3f} s, cached "
+          f"{t_warm - f_warm:.3f} s. The cache saves the difference of the forwards ({f_full - f_warm:.3f} s: blocks "
+          f"0..{layers[0] - 1} without gradient, and block {layers[0]}'s token attention), so the ratio is 1 + that / "
+          f"the cached step, where L/k = {lm.num_layers / args.k:.0f} would need the step to be all blocks")
     print(f"RESULT deep_cached_step_k{args.k}_vs_full_forward ratio={t_full / t_warm:.2f} ours={t_warm:.4f} "
           f"theirs={t_full:.4f} unit=s")
     ci = bootstrap_ci((np.array(full), np.array(warm)), lambda f, w: np.median(f) / np.median(w), paired=True)
