@@ -101,13 +101,13 @@ def main() -> int:
         start = time.perf_counter()
         cache.get(group)
         first_epoch.append(time.perf_counter() - start + step(group, cached=True)[0])
-    full, warm, paper, diffs, paper_diffs, forwards = [], [], [], [], [], {"full": [], "cached": []}
+    full, warm, paper, diffs, paper_diffs, full_forward, warm_forward = [], [], [], [], [], [], []
     for group in batches:
-        t_full, loss_full, forwards_full = step(group, cached=False)
-        t_warm, loss_warm, forwards_warm = step(group, cached=True)
+        t_full, loss_full, f_full = step(group, cached=False)
+        t_warm, loss_warm, f_warm = step(group, cached=True)
         t_paper, loss_paper, _ = step(group, cached=False, paper=True)
-        forwards["full"].append(forwards_full)
-        forwards["cached"].append(forwards_warm)
+        full_forward.append(f_full)
+        warm_forward.append(f_warm)
         paper.append(t_paper)
         full.append(t_full)
         warm.append(t_warm)
@@ -122,7 +122,7 @@ def main() -> int:
           f"{max(paper_diffs):.2e})")
     print(f"step: full forward {t_full:.3f} s, cached (warm) {t_warm:.3f} s, cached first epoch {t_first:.3f} s, "
           f"the paper's hooked full forward {t_paper:.3f} s")
-    f_full, f_warm = statistics.median(forwards["full"]), statistics.median(forwards["cached"])
+    f_full, f_warm = statistics.median(full_forward), statistics.median(warm_forward)
     # what the ratio is made of: both paths run the same backward (through the k prompted blocks only; nothing below
     # them trains) and the same head, so the cache saves only the full path's no-grad forward of the lower blocks
     print(f"of which the forward (the head included): full {f_full:.3f} s, cached {f_warm:.3f} s; the backward, "
